@@ -1,0 +1,77 @@
+# dlfast: `make test` (what CI runs), `make bench`, `make cuda-check`, `make gpu-check`.
+SHELL := /bin/bash
+# Everything runs in a virtual environment built from this repository's own files.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+NVCC ?= nvcc
+CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
+# On a GPU machine the torch already there is used; nothing is downloaded.
+GPU_PY ?= python3
+GPU_OUT ?= $(or $(OUT),build/gpu-check)
+
+.PHONY: test test-python test-triton-interpreted cuda-check bench gpu-check lint clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Exactly this torch (the CPU wheel on these machines); any other spec could pull CUDA builds.
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy "triton>=3.6" expecttest ruff
+	touch $@
+
+# The editable install builds dlfast._C against the venv's torch (no build isolation, see setup.py).
+$(VENV)/.built: $(VENV)/.deps $(CSRC)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.built
+
+.PHONY: venv
+
+test: test-python test-triton-interpreted cuda-check
+
+test-python: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+# Triton kernels on the CPU: the interpreter must be switched on before triton is imported,
+# hence a process of its own.
+test-triton-interpreted: $(VENV)/.built
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton tests
+
+# nvcc compiles every CUDA source for sm_80 and sm_90a; -Xptxas -v prints registers, spills
+# and shared memory per kernel, so a spill shows up without a GPU.
+cuda-check:
+	@if ! command -v $(NVCC) >/dev/null 2>&1; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
+	mkdir -p build/cuda-check; \
+	for f in $(CUDA_SOURCES); do \
+		echo "nvcc $$f"; \
+		$(NVCC) -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas -v -Werror all-warnings $(CUDA_ARCH_FLAGS) \
+			-c $$f -o build/cuda-check/$$(basename $$f .cu).o 2>&1 | tee build/cuda-check/$$(basename $$f .cu).log \
+			| grep -E "error|spill|Used|Compiling" ; \
+		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+bench: $(VENV)/.built
+	$(PY) -m dlfast bench --json build/bench/$$(hostname).json
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check dlfast triton_kernels tests benchmarks setup.py
+	$(PY) -m ruff format --check dlfast triton_kernels tests benchmarks setup.py
+
+# On a GPU machine: build with CUDA against the torch there, run the whole suite on the GPU,
+# then the benchmark; logs and results go to $(GPU_OUT).
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	$(GPU_PY) -m dlfast info > /dev/null 2>&1 || true
+	MAX_JOBS=$${MAX_JOBS:-16} $(GPU_PY) setup.py build_ext --inplace 2>&1 | tail -n 40 > $(GPU_OUT)/build.log
+	$(GPU_PY) -m dlfast info | tee $(GPU_OUT)/info.txt
+	$(GPU_PY) -m pytest -q -rs tests 2>&1 | tee $(GPU_OUT)/pytest.log; \
+	$(GPU_PY) -m dlfast bench --device cuda --json $(GPU_OUT)/bench.json 2>&1 | tee $(GPU_OUT)/bench.log
+
+clean:
+	rm -rf build dist *.egg-info dlfast/_C*.so dlfast/_build_info.py

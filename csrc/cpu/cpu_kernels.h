@@ -1,0 +1,80 @@
+// The CPU kernels of every op, on raw pointers, compiled once per instruction set
+// (kernels_<isa>.cpp) and chosen at run time: a wheel built here must still run on
+// a CPU without AVX2 or AVX-512, so no ISA is assumed at build time.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace dlfast::cpu {
+
+// x, y: (M, N) row-major; weight, bias: (N,) or nullptr, in x's dtype.
+// mean, rstd: (M,) in the accumulation type (float, or double for double input).
+struct LayerNormFwdArgs {
+  const void* x;
+  const void* weight;
+  const void* bias;
+  void* y;
+  void* mean;
+  void* rstd;
+  int64_t M;
+  int64_t N;
+  double eps;
+  c10::ScalarType dtype;
+};
+
+// dy, x, dx: (M, N) row-major; weight: (N,) or nullptr; mean, rstd: (M,) from the
+// forward; dweight, dbias: (N,) in x's dtype, or nullptr when not wanted.
+struct LayerNormBwdArgs {
+  const void* dy;
+  const void* x;
+  const void* weight;
+  const void* mean;
+  const void* rstd;
+  void* dx;
+  void* dweight;
+  void* dbias;
+  int64_t M;
+  int64_t N;
+  c10::ScalarType dtype;
+};
+
+#define DLFAST_DECLARE_CPU_KERNELS(ISA)                \
+  namespace ISA {                                      \
+  void layer_norm_fwd(const LayerNormFwdArgs& args);   \
+  void layer_norm_bwd(const LayerNormBwdArgs& args);   \
+  }
+
+DLFAST_DECLARE_CPU_KERNELS(DEFAULT)
+#ifdef DLFAST_X86
+DLFAST_DECLARE_CPU_KERNELS(AVX2)
+DLFAST_DECLARE_CPU_KERNELS(AVX512)
+#endif
+#undef DLFAST_DECLARE_CPU_KERNELS
+
+enum class Isa { DEFAULT, AVX2, AVX512 };
+
+// The widest variant this CPU runs, as ATen decides it (so ATEN_CPU_CAPABILITY=avx2
+// or =default also selects ours, which is how the tests reach every variant).
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+
+}  // namespace dlfast::cpu
+
+// Calls the variant of kernel `fn` for this CPU.
+#ifdef DLFAST_X86
+#define DLFAST_CPU_DISPATCH(fn, args)                    \
+  switch (::dlfast::cpu::cpu_isa()) {                    \
+    case ::dlfast::cpu::Isa::AVX512:                     \
+      ::dlfast::cpu::AVX512::fn(args);                   \
+      break;                                             \
+    case ::dlfast::cpu::Isa::AVX2:                       \
+      ::dlfast::cpu::AVX2::fn(args);                     \
+      break;                                             \
+    default:                                             \
+      ::dlfast::cpu::DEFAULT::fn(args);                  \
+  }
+#else
+#define DLFAST_CPU_DISPATCH(fn, args) ::dlfast::cpu::DEFAULT::fn(args)
+#endif

@@ -1,0 +1,6 @@
+// The CPU kernels for any CPU of the build architecture (baseline ISA). Listed first
+// among the kernel files in setup.py, so where an inline function is emitted by
+// several variants the linker keeps this baseline copy.
+#define CPU_CAPABILITY DEFAULT
+#define CPU_CAPABILITY_DEFAULT
+#include "layer_norm_kernel.h"

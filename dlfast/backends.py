@@ -1,0 +1,145 @@
+"""Which backends exist here, and which one runs an op.
+
+Backends:
+  cuda       hand-written CUDA C++ (dlfast._C built with CUDA), CUDA tensors
+  triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  cpu        C++ CPU kernels (dlfast._C), CPU tensors
+  reference  dlfast/reference.py, plain PyTorch written from the definition (the tests' oracle)
+  torch      the PyTorch op dlfast replaces (F.layer_norm, ...), where dlfast delegates when its
+             own kernel is slower or not yet proven on a device
+
+Choice, first match wins: the `backend=` keyword, `use_backend(...)`, `DLFAST_BACKEND`, then
+the DEFAULTS table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference", "torch")
+
+# The default backends per (op, device type), fastest first; the first available one runs.
+# The source of each row is a committed benchmark result (benchmarks/results/). A kernel that
+# has never passed the suite on a real GPU is never a default, so CUDA tensors go to PyTorch's
+# own op until a GPU run under benchmarks/results/ shows dlfast's kernel correct and faster.
+DEFAULTS: dict[tuple[str, str], tuple[str, ...]] = {
+    # benchmarks/results/cpu-2core-avx512/layer_norm.json: fwd+bwd faster than F.layer_norm.
+    ("layer_norm", "cpu"): ("cpu", "torch"),
+    ("layer_norm", "cuda"): ("torch",),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+def _load_extension() -> str | None:
+    """Imports dlfast._C (registering the C++ ops); returns why it failed, or None."""
+    try:
+        importlib.import_module("dlfast._C")
+    except Exception as exc:  # any failure (missing file, ABI mismatch) leaves Python backends
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+EXTENSION_ERROR: str | None = _load_extension()
+
+
+def _built_with_cuda() -> bool:
+    try:
+        from dlfast._build_info import BUILD_INFO
+    except ImportError:
+        return False
+    return BUILD_INFO["cuda"] is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _unavailable_reason(backend: str) -> str | None:
+    if backend in ("reference", "torch"):
+        return None
+    if backend in ("cpu", "cuda") and EXTENSION_ERROR is not None:
+        return f"the compiled extension dlfast._C did not load ({EXTENSION_ERROR})"
+    if backend == "cuda":
+        if not _built_with_cuda():
+            return "dlfast._C was built without CUDA kernels (see `python -m dlfast info`)"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if not torch.cuda.is_available() and not triton_interpreted():
+            return "no CUDA GPU is visible and TRITON_INTERPRET=1 is not set"
+    return None
+
+
+_REASONS: dict[str, str | None] = {}
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why `backend` cannot run here, or None when it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend not in _REASONS:
+        _REASONS[backend] = _unavailable_reason(backend)
+    return _REASONS[backend]
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine."""
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+def runs_on(backend: str, device: torch.device) -> bool:
+    """Whether `backend` takes tensors on `device`."""
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda"
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    return True
+
+
+_forced: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Runs every dlfast op inside the block on backend `name` (raises if it cannot run here).
+
+    Not thread-local: like torch.backends flags, it applies to the whole process.
+    """
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailableError(f"dlfast backend {name!r} is unavailable: {reason}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def choose(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The backend that runs `op` on a tensor on `device`."""
+    name = backend or (_forced[-1] if _forced else None) or os.environ.get("DLFAST_BACKEND") or None
+    if name is not None:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            raise BackendUnavailableError(f"dlfast backend {name!r} is unavailable: {reason}")
+        if not runs_on(name, device):
+            raise ValueError(f"dlfast backend {name!r} cannot run {op} on {device.type} tensors")
+        return name
+    for candidate in DEFAULTS.get((op, device.type), ("torch",)):
+        if unavailable_reason(candidate) is None and runs_on(candidate, device):
+            return candidate
+    return "torch"

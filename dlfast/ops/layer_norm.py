@@ -1,0 +1,152 @@
+"""dlfast.layer_norm: torch.nn.functional.layer_norm on fused kernels.
+
+Every kernel backend works on a 2-D (M, N) contiguous view of the input, with
+N = prod(normalized_shape), through a pair of ops with one schema:
+
+  layer_norm_fwd(x, weight?, bias?, eps) -> (y, mean, rstd)
+  layer_norm_bwd(dy, x, weight?, mean, rstd, weight_grad, bias_grad) -> (dx, dweight, dbias)
+
+The cpu and cuda backends are torch.ops.dlfast.layer_norm_fwd/_bwd (C++, csrc/dlfast.cpp);
+the triton backend is torch.ops.dlfast.layer_norm_fwd_triton/_bwd_triton, defined here.
+Each pair gets the same fake (meta) implementation and autograd rule, so torch.compile
+traces any backend without a graph break.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlfast import backends, reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    M = x.shape[0]
+    return torch.empty_like(x), x.new_empty((M,), dtype=_stats_dtype(x)), x.new_empty((M,), dtype=_stats_dtype(x))
+
+
+def _bwd_fake(dy, x, weight, mean, rstd, weight_grad: bool, bias_grad: bool):
+    N = x.shape[1]
+    return torch.empty_like(x), x.new_empty((N if weight_grad else 0,)), x.new_empty((N if bias_grad else 0,))
+
+
+@torch.library.custom_op("dlfast::layer_norm_fwd_triton", mutates_args=())
+def _layer_norm_fwd_triton(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    from dlfast.triton_kernels.layer_norm import layer_norm_fwd
+
+    return layer_norm_fwd(x, weight, bias, eps)
+
+
+@torch.library.custom_op("dlfast::layer_norm_bwd_triton", mutates_args=())
+def _layer_norm_bwd_triton(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, weight_grad: bool, bias_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    from dlfast.triton_kernels.layer_norm import layer_norm_bwd
+
+    return layer_norm_bwd(dy, x, weight, mean, rstd, weight_grad, bias_grad)
+
+
+def _register(fwd_name: str, bwd_name: str):
+    """Gives a fwd/bwd op pair its fake implementations and autograd rule; returns the pair."""
+    fwd = getattr(torch.ops.dlfast, fwd_name).default
+    bwd = getattr(torch.ops.dlfast, bwd_name).default
+    torch.library.register_fake(fwd)(_fwd_fake)
+    torch.library.register_fake(bwd)(_bwd_fake)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, _eps = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        weight_grad, bias_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dx, dweight, dbias = bwd(dy.contiguous(), x, weight, mean, rstd, weight_grad, bias_grad)
+        return dx, (dweight if weight_grad else None), (dbias if bias_grad else None), None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    return fwd, bwd
+
+
+_KERNELS = {"triton": _register("layer_norm_fwd_triton", "layer_norm_bwd_triton")}
+if backends.EXTENSION_ERROR is None:
+    _KERNELS["cpu"] = _KERNELS["cuda"] = _register("layer_norm_fwd", "layer_norm_bwd")
+
+
+def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"layer_norm: x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"layer_norm: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if any(not isinstance(n, int) or n < 0 for n in normalized_shape):
+        raise ValueError(f"layer_norm: normalized_shape must be non-negative ints, got {normalized_shape}")
+    if len(normalized_shape) == 0 or tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape:
+        raise ValueError(
+            f"layer_norm: normalized_shape {list(normalized_shape)} must be non-empty and match the trailing "
+            f"dims of x, whose shape is {list(x.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if tuple(t.shape) != normalized_shape:
+            raise ValueError(f"layer_norm: {name} must have shape {list(normalized_shape)}, got {list(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"layer_norm: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Layer normalisation over the trailing dims, as torch.nn.functional.layer_norm.
+
+    Args:
+        x: (*, *normalized_shape), float32/float64/float16/bfloat16, any strides.
+        normalized_shape: the trailing dims to normalise over (an int or a sequence).
+        weight, bias: optional, of shape normalized_shape. A weight or bias of another float
+            dtype than x (float32 parameters under bf16 activations) is cast to x's dtype first.
+        eps: added to the biased variance.
+        backend: force one of dlfast.available_backends(); default from dlfast.backends.DEFAULTS.
+
+    Returns:
+        Tensor of x's shape and dtype. Statistics accumulate in float32 (float64 for float64).
+        Gradients flow to x, weight and bias.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    _check(x, shape, weight, bias)
+    name = backends.choose("layer_norm", x.device, backend)
+    if name == "torch":
+        return F.layer_norm(x, shape, weight, bias, eps)
+    if name == "reference":
+        return reference.layer_norm(x, shape, weight, bias, eps)
+    if name == "triton" and x.dtype == torch.float64:
+        raise TypeError("layer_norm: the triton backend takes float32, float16 and bfloat16, not float64")
+    N = math.prod(shape)
+    if x.numel() == 0 or N == 0:
+        # Nothing to normalise: let PyTorch produce the (empty) result and its graph.
+        return F.layer_norm(x, shape, weight, bias, eps)
+    x2d = x.reshape(-1, N).contiguous()
+    w = None if weight is None else weight.to(x.dtype).reshape(N).contiguous()
+    b = None if bias is None else bias.to(x.dtype).reshape(N).contiguous()
+    fwd, _bwd = _KERNELS[name]
+    y, _mean, _rstd = fwd(x2d, w, b, eps)
+    return y.view(x.shape)

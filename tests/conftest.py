@@ -1,0 +1,78 @@
+"""Shared test fixtures: which (backend, device) pairs to sweep, and the tolerance table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlfast import backends
+
+# Kernel backends under test ("torch" is PyTorch itself, so it is not swept).
+SWEPT_BACKENDS = ("cpu", "cuda", "triton", "reference")
+DEVICES = ("cpu", "cuda")
+
+# (atol, rtol) per dtype for an O(1) result compared with a float64 computation from the same
+# rounded inputs. The floor is one rounding of the result to the dtype (half an ulp: 2^-8 for
+# bfloat16, 2^-11 for float16, 2^-24 for float32) plus float32 accumulation error, which for
+# sums of up to 65536 terms stays below ~1e-6 relative. Each entry leaves about 2x headroom
+# over that floor; summed gradients (dweight, dbias) scale atol by sqrt(rows), see grad_tol().
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),  # float64 accumulation: only summation-order differences
+    torch.float32: (2e-5, 2e-5),  # float32 accumulation over up to 65536 elements
+    torch.float16: (2e-3, 2e-3),  # one float16 rounding of values up to ~4 (ulp 2^-9 there)
+    torch.bfloat16: (1.6e-2, 1.6e-2),  # one bfloat16 rounding (2^-8 relative) with 2x headroom
+}
+
+
+def tol(dtype: torch.dtype) -> dict:
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol, "rtol": rtol}
+
+
+def grad_tol(dtype: torch.dtype, rows: int) -> dict:
+    """Tolerance for a gradient summed over `rows` rows: the absolute error of a sum grows
+    like sqrt(rows) for random-sign terms, while the relative rounding of the result does not."""
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol * max(1.0, rows**0.5), "rtol": rtol}
+
+
+def skip_reason(backend: str, device: str) -> str | None:
+    """Why (backend, device) cannot be tested here, or None."""
+    reason = backends.unavailable_reason(backend)
+    if reason is not None:
+        return f"backend {backend!r} unavailable: {reason}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if not backends.runs_on(backend, torch.device(device)):
+        return f"backend {backend!r} does not run on {device} tensors here (triton on the CPU needs TRITON_INTERPRET=1)"
+    return None
+
+
+def _backend_params():
+    params = []
+    for backend in SWEPT_BACKENDS:
+        for device in DEVICES:
+            if (backend, device) in (("cpu", "cuda"), ("cuda", "cpu")):
+                continue
+            marks = [pytest.mark.triton] if backend == "triton" else []
+            reason = skip_reason(backend, device)
+            if reason is not None:
+                marks.append(pytest.mark.skip(reason=reason))
+            params.append(pytest.param((backend, device), id=f"{backend}-{device}", marks=marks))
+    return params
+
+
+BACKEND_DEVICE_PARAMS = _backend_params()
+
+
+@pytest.fixture(params=BACKEND_DEVICE_PARAMS)
+def backend_device(request):
+    """(backend, device) for every kernel backend and device it runs on; unavailable ones skip."""
+    return request.param
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    """The dtypes a (backend, device) pair is tested in. The Triton interpreter has no bfloat16."""
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]

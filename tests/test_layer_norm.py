@@ -1,0 +1,217 @@
+"""dlfast.layer_norm on every backend against dlfast.reference computed in float64."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import dtypes_for, grad_tol, skip_reason, tol
+
+import dlfast
+from dlfast import reference
+
+# (x shape, normalized_shape): each exercises a path of the kernels.
+SHAPES = [
+    ((4, 1), (1,)),  # N=1: zero variance, the output is the bias
+    ((3, 7), (7,)),  # N below one vector: tail-only rows
+    ((5, 1023), (1023,)),  # odd N: vector body plus a ragged tail, misaligned rows
+    ((1, 384), (384,)),  # a single row
+    ((4, 4096), (4096,)),  # a row that fills the register path
+    ((2, 65536), (65536,)),  # too wide for registers: the looped path
+    ((2, 3, 8, 16), (8, 16)),  # 4-D input, 2-D normalized_shape
+    ((2, 3, 100), (100,)),  # several leading dims
+]
+AFFINE = ["weight+bias", "weight", "none"]
+
+
+def make_inputs(shape, normalized_shape, dtype, device, affine="weight+bias", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    w = (torch.randn(normalized_shape, generator=g) if "weight" in affine else None)
+    b = (torch.randn(normalized_shape, generator=g) if "bias" in affine else None)
+    w = None if w is None else w.to(device=device, dtype=dtype)
+    b = None if b is None else b.to(device=device, dtype=dtype)
+    return x, w, b
+
+
+def check_against_reference(backend, x, normalized_shape, w, b, eps=1e-5):
+    """Forward and backward of `backend` against the float64 reference from the same inputs."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    y = dlfast.layer_norm(leaves[0], normalized_shape, leaves[1], leaves[2], eps, backend=backend)
+    exact = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    y_exact = reference.layer_norm(exact[0], normalized_shape, exact[1], exact[2], eps)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), y_exact, **tol(x.dtype))
+
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
+    y.backward(dy)
+    y_exact.backward(dy.double())
+    rows = x.numel() // max(1, math.prod(normalized_shape))
+    torch.testing.assert_close(leaves[0].grad.double(), exact[0].grad, **tol(x.dtype))
+    for got, want in zip(leaves[1:], exact[1:]):
+        if got is not None:
+            assert got.grad.dtype == got.dtype
+            torch.testing.assert_close(got.grad.double(), want.grad, **grad_tol(x.dtype, rows))
+
+
+@pytest.mark.parametrize("shape,normalized_shape", SHAPES, ids=[str(s[0]) for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference(backend_device, shape, normalized_shape, dtype):
+    backend, device = backend_device
+    if dtype not in dtypes_for(backend, device):
+        pytest.skip(f"{backend} on {device} is not tested in {dtype}")
+    x, w, b = make_inputs(shape, normalized_shape, dtype, device)
+    check_against_reference(backend, x, normalized_shape, w, b)
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+def test_optional_weight_and_bias(backend_device, affine):
+    backend, device = backend_device
+    x, w, b = make_inputs((6, 257), (257,), torch.float32, device, affine)
+    check_against_reference(backend, x, (257,), w, b)
+
+
+def test_non_contiguous_input(backend_device):
+    backend, device = backend_device
+    base, w, b = make_inputs((96, 10), (10,), torch.float32, device)
+    x = base.t()  # (10, 96), rows strided in memory
+    assert not x.is_contiguous()
+    check_against_reference(backend, x, (96,), w[:1].expand(96).contiguous(), b[:1].expand(96).contiguous())
+    sliced = base[:, :7]  # rows shorter than their stride
+    check_against_reference(backend, sliced, (7,), w[:7], b[:7])
+
+
+def test_eps_and_constant_rows(backend_device):
+    backend, device = backend_device
+    x = torch.full((3, 64), 2.5, device=device)
+    x[1] = torch.linspace(-1, 1, 64)
+    check_against_reference(backend, x, (64,), None, None, eps=0.1)
+
+
+def test_nan_and_inf_propagate_like_torch(backend_device):
+    backend, device = backend_device
+    x = torch.randn(4, 33, device=device)
+    x[1, 5] = float("nan")
+    x[2, 0] = float("inf")
+    y = dlfast.layer_norm(x, (33,), backend=backend)
+    torch.testing.assert_close(y, F.layer_norm(x, (33,)), equal_nan=True)
+
+
+def test_float64_on_cpu():
+    x, w, b = make_inputs((5, 129), (129,), torch.float64, "cpu")
+    for backend in ("cpu", "reference"):
+        if skip_reason(backend, "cpu") is None:
+            check_against_reference(backend, x, (129,), w, b)
+
+
+def test_mixed_precision_parameters():
+    """float32 parameters under bfloat16 activations, as F.layer_norm accepts them."""
+    x, w, b = make_inputs((8, 64), (64,), torch.bfloat16, "cpu")
+    w32, b32 = w.float().requires_grad_(True), b.float().requires_grad_(True)
+    y = dlfast.layer_norm(x, 64, w32, b32)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.layer_norm(x, (64,), w32, b32), **tol(torch.bfloat16))
+    y.sum().backward()
+    assert w32.grad.dtype == torch.float32 and b32.grad.dtype == torch.float32
+
+
+def test_empty_input():
+    x = torch.randn(0, 16, requires_grad=True)
+    y = dlfast.layer_norm(x, 16)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+def test_gradcheck_float64_cpu():
+    x, w, b = make_inputs((3, 11), (11,), torch.float64, "cpu")
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: dlfast.layer_norm(x, 11, w, b, backend="cpu"), inputs)
+
+
+def _kernel_ops(backend):
+    from dlfast.ops.layer_norm import _KERNELS
+
+    return _KERNELS[backend]
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+def test_opcheck(backend_device, affine):
+    backend, device = backend_device
+    if backend == "reference":
+        pytest.skip("the reference backend is plain PyTorch, not a custom op")
+    fwd, bwd = _kernel_ops(backend)
+    x, w, b = make_inputs((5, 40), (40,), torch.float32, device, affine)
+    torch.library.opcheck(fwd, (x, w, b, 1e-5))
+    _y, mean, rstd = fwd(x, w, b, 1e-5)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(bwd, (dy, x, w, mean, rstd, w is not None, b is not None))
+
+
+def test_torch_compile_fullgraph(backend_device):
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu":
+        pytest.skip("inductor compiles for the CPU, where triton kernels only run interpreted")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), dlfast.nn.LayerNorm(48), torch.nn.GELU()).to(device)
+    x = torch.randn(6, 32, device=device)
+    with dlfast.use_backend(backend):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+        torch.testing.assert_close(compiled, eager, **tol(torch.float32))
+        compiled.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for got, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad, **tol(torch.float32))
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.ones(2, 4, dtype=torch.int64), (4,)), TypeError, "float32"),
+        ((torch.ones(2, 4), (5,)), ValueError, "trailing dims"),
+        ((torch.ones(2, 4), (2, 4, 1)), ValueError, "trailing dims"),
+        ((torch.ones(2, 4), (4,), torch.ones(3)), ValueError, "weight must have shape"),
+        ((torch.ones(2, 4), (4,), None, torch.ones(2, 2)), ValueError, "bias must have shape"),
+        ((torch.ones(2, 4), (4,), torch.ones(4, device="meta")), ValueError, "weight is on meta"),
+        ((torch.ones(2, 4), (4,), torch.ones(4, dtype=torch.int32)), TypeError, "weight must be a floating"),
+        (([1.0, 2.0], (2,)), TypeError, "x must be a Tensor"),
+        ((torch.ones(2, 4), (-4,)), ValueError, "non-negative"),
+    ],
+)
+def test_bad_input_names_the_argument(args, error, match):
+    with pytest.raises(error, match=match):
+        dlfast.layer_norm(*args)
+
+
+def test_layer_norm_matches_torch_nn_functional_signature():
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(dlfast.layer_norm(x, [8]), F.layer_norm(x, [8]))
+    torch.testing.assert_close(dlfast.layer_norm(x, torch.Size([8])), F.layer_norm(x, [8]))
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_every_cpu_isa_variant(isa):
+    """Each CPU kernel build (chosen at run time, forced here by ATEN_CPU_CAPABILITY) is correct."""
+    script = (
+        "import torch, dlfast, dlfast._C\n"
+        "from tests.test_layer_norm import make_inputs, check_against_reference\n"
+        "assert torch.backends.cpu.get_cpu_capability() == %r, torch.backends.cpu.get_cpu_capability()\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
+        "    x, w, b = make_inputs((5, 1023), (1023,), dtype, 'cpu')\n"
+        "    check_against_reference('cpu', x, (1023,), w, b)\n"
+    ) % isa.upper()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
