@@ -63,6 +63,8 @@ def extension():
     # ATen's vec headers carry CUDA-style unroll pragmas and intrinsics that trip GCC's
     # maybe-uninitialized and psabi notes: header noise that would bury real warnings.
     cxx_flags = ["-O3", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized", "-Wno-c++20-extensions"] + (["-DDLFAST_X86"] if X86 else [])
+    # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp it runs serially.
+    cxx_flags.append("-fopenmp")
     extra = {"cxx": cxx_flags}
     archs = ""
     if with_cuda:
@@ -71,7 +73,13 @@ def extension():
         extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     write_build_info(with_cuda, archs, no_cuda_reason)
     ext_cls = CUDAExtension if with_cuda else CppExtension
-    return ext_cls("dlfast._C", sources, extra_compile_args=extra, include_dirs=[os.path.join(ROOT, "csrc")])
+    return ext_cls(
+        "dlfast._C",
+        sources,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        include_dirs=[os.path.join(ROOT, "csrc")],
+    )
 
 
 def write_build_info(with_cuda: bool, archs: str, no_cuda_reason: str | None) -> None:

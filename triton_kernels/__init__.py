@@ -1,0 +1,1 @@
+"""Triton kernels for dlfast, installed as the subpackage dlfast.triton_kernels."""
