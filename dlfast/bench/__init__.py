@@ -1,0 +1,1 @@
+"""Benchmarks of dlfast's ops against their peers, behind `python -m dlfast bench`."""
