@@ -62,7 +62,14 @@ def extension():
     )
     # ATen's vec headers carry CUDA-style unroll pragmas and intrinsics that trip GCC's
     # maybe-uninitialized and psabi notes: header noise that would bury real warnings.
-    cxx_flags = ["-O3", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-psabi", "-Wno-maybe-uninitialized", "-Wno-c++20-extensions"] + (["-DDLFAST_X86"] if X86 else [])
+    cxx_flags = [
+        "-O3",
+        "-std=c++17",
+        "-Wno-unknown-pragmas",
+        "-Wno-psabi",
+        "-Wno-maybe-uninitialized",
+        "-Wno-c++20-extensions",
+    ] + (["-DDLFAST_X86"] if X86 else [])
     # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp it runs serially.
     cxx_flags.append("-fopenmp")
     extra = {"cxx": cxx_flags}

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_kernels.h"
+
 TORCH_LIBRARY(dlfast, m) {
   // x: (M, N) contiguous rows; weight, bias: (N,) or None.
   // Returns y (M, N) in x's dtype and mean, rstd (M,) in the accumulation dtype
@@ -18,8 +20,18 @@ TORCH_LIBRARY(dlfast, m) {
       " bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
 }
 
-// `import dlfast._C` loads this library, which runs the registrations above; the
-// module itself carries no functions (everything is reached through torch.ops.dlfast).
+// `import dlfast._C` loads this library, which runs the registrations above. The module
+// carries no functions (everything is reached through torch.ops.dlfast), only `cpu_isa`:
+// the CPU kernel variant chosen for this machine.
 static struct PyModuleDef dlfast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dlfast_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&dlfast_module);
+  if (module != nullptr &&
+      PyModule_AddStringConstant(module, "cpu_isa",
+                                 dlfast::cpu::isa_name(dlfast::cpu::cpu_isa())) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -51,12 +51,13 @@ def _load_extension() -> str | None:
 EXTENSION_ERROR: str | None = _load_extension()
 
 
-def _built_with_cuda() -> bool:
+def _no_cuda_build_reason() -> str | None:
+    """Why dlfast._C has no CUDA kernels, or None when it has them."""
     try:
         from dlfast._build_info import BUILD_INFO
     except ImportError:
-        return False
-    return BUILD_INFO["cuda"] is not None
+        return "no build record (dlfast/_build_info.py) was found"
+    return BUILD_INFO["no_cuda_reason"]
 
 
 def triton_interpreted() -> bool:
@@ -70,8 +71,9 @@ def _unavailable_reason(backend: str) -> str | None:
     if backend in ("cpu", "cuda") and EXTENSION_ERROR is not None:
         return f"the compiled extension dlfast._C did not load ({EXTENSION_ERROR})"
     if backend == "cuda":
-        if not _built_with_cuda():
-            return "dlfast._C was built without CUDA kernels (see `python -m dlfast info`)"
+        no_cuda = _no_cuda_build_reason()
+        if no_cuda is not None:
+            return f"dlfast._C was built without CUDA kernels: {no_cuda}"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible to torch"
     if backend == "triton":

@@ -17,13 +17,25 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _C_attribute(name: str) -> str | None:
+    if backends.EXTENSION_ERROR is not None:
+        return None
+    from dlfast import _C
+
+    return getattr(_C, name)
+
+
 def info() -> dict:
     """A dict describing this installation; `python -m dlfast info` prints it."""
     try:
         from dlfast._build_info import BUILD_INFO
     except ImportError:
         BUILD_INFO = None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     return {
         "dlfast": _version("dlfast"),
         "python": platform.python_version(),
@@ -32,7 +44,10 @@ def info() -> dict:
         "triton": _version("triton"),
         "device": device,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "extension": "loaded" if backends.EXTENSION_ERROR is None else f"not loaded: {backends.EXTENSION_ERROR}",
+        "cpu_kernels": _C_attribute("cpu_isa"),
+        "extension": "loaded"
+        if backends.EXTENSION_ERROR is None
+        else f"not loaded: {backends.EXTENSION_ERROR}",
         "built_with": BUILD_INFO,
         "backends": {b: backends.unavailable_reason(b) or "available" for b in backends.BACKENDS},
     }

@@ -44,7 +44,9 @@ def skip_reason(backend: str, device: str) -> str | None:
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU"
     if not backends.runs_on(backend, torch.device(device)):
-        return f"backend {backend!r} does not run on {device} tensors here (triton on the CPU needs TRITON_INTERPRET=1)"
+        return (
+            f"backend {backend!r} does not run on {device} tensors here (CPU triton needs TRITON_INTERPRET=1)"
+        )
     return None
 
 

@@ -73,7 +73,11 @@ def test_use_backend_restores_on_error():
 
 def test_every_backend_gives_the_same_answer():
     x = torch.randn(4, 50)
-    results = {b: dlfast.layer_norm(x, 50, backend=b) for b in ("cpu", "reference", "torch") if b in dlfast.available_backends()}
+    results = {
+        b: dlfast.layer_norm(x, 50, backend=b)
+        for b in ("cpu", "reference", "torch")
+        if b in dlfast.available_backends()
+    }
     for result in results.values():
         torch.testing.assert_close(result, results["torch"])
 

@@ -32,8 +32,8 @@ AFFINE = ["weight+bias", "weight", "none"]
 def make_inputs(shape, normalized_shape, dtype, device, affine="weight+bias", seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
-    w = (torch.randn(normalized_shape, generator=g) if "weight" in affine else None)
-    b = (torch.randn(normalized_shape, generator=g) if "bias" in affine else None)
+    w = torch.randn(normalized_shape, generator=g) if "weight" in affine else None
+    b = torch.randn(normalized_shape, generator=g) if "bias" in affine else None
     w = None if w is None else w.to(device=device, dtype=dtype)
     b = None if b is None else b.to(device=device, dtype=dtype)
     return x, w, b
@@ -53,7 +53,7 @@ def check_against_reference(backend, x, normalized_shape, w, b, eps=1e-5):
     y_exact.backward(dy.double())
     rows = x.numel() // max(1, math.prod(normalized_shape))
     torch.testing.assert_close(leaves[0].grad.double(), exact[0].grad, **tol(x.dtype))
-    for got, want in zip(leaves[1:], exact[1:]):
+    for got, want in zip(leaves[1:], exact[1:], strict=True):
         if got is not None:
             assert got.grad.dtype == got.dtype
             torch.testing.assert_close(got.grad.double(), want.grad, **grad_tol(x.dtype, rows))
@@ -170,7 +170,7 @@ def test_torch_compile_fullgraph(backend_device):
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model(x).sum().backward()
-    for got, p in zip(grads, model.parameters()):
+    for got, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, **tol(torch.float32))
 
 
@@ -200,18 +200,19 @@ def test_layer_norm_matches_torch_nn_functional_signature():
 
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_every_cpu_isa_variant(isa):
     """Each CPU kernel build (chosen at run time, forced here by ATEN_CPU_CAPABILITY) is correct."""
     script = (
         "import torch, dlfast, dlfast._C\n"
-        "from tests.test_layer_norm import make_inputs, check_against_reference\n"
-        "assert torch.backends.cpu.get_cpu_capability() == %r, torch.backends.cpu.get_cpu_capability()\n"
+        "from test_layer_norm import make_inputs, check_against_reference\n"
+        f"assert dlfast._C.cpu_isa == {isa.upper()!r}, dlfast._C.cpu_isa\n"
         "for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
-        "    x, w, b = make_inputs((5, 1023), (1023,), dtype, 'cpu')\n"
-        "    check_against_reference('cpu', x, (1023,), w, b)\n"
-    ) % isa.upper()
+        "    for shape in ((5, 1023), (3, 7), (2, 4096)):\n"
+        "        x, w, b = make_inputs(shape, shape[1:], dtype, 'cpu')\n"
+        "        check_against_reference('cpu', x, shape[1:], w, b)\n"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr

@@ -39,7 +39,9 @@ def test_layer_norm_is_a_drop_in(kwargs):
 def test_convert_a_transformer_keeps_outputs_and_gradients():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True),
+        torch.nn.TransformerEncoderLayer(
+            d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
+        ),
         torch.nn.LayerNorm(32),
     )
     model.train()  # the eval fast path of TransformerEncoderLayer bypasses module forwards
@@ -53,7 +55,7 @@ def test_convert_a_transformer_keeps_outputs_and_gradients():
     torch.testing.assert_close(model(x), twin(x), **tol(torch.float32))
     model(x).square().sum().backward()
     twin(x).square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, **tol(torch.float32), msg=name)
 
     dlfast.nn.revert(model)

@@ -32,7 +32,11 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 
 def _fwd_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     M = x.shape[0]
-    return torch.empty_like(x), x.new_empty((M,), dtype=_stats_dtype(x)), x.new_empty((M,), dtype=_stats_dtype(x))
+    return (
+        torch.empty_like(x),
+        x.new_empty((M,), dtype=_stats_dtype(x)),
+        x.new_empty((M,), dtype=_stats_dtype(x)),
+    )
 
 
 def _bwd_fake(dy, x, weight, mean, rstd, weight_grad: bool, bias_grad: bool):
@@ -51,7 +55,13 @@ def _layer_norm_fwd_triton(
 
 @torch.library.custom_op("dlfast::layer_norm_bwd_triton", mutates_args=())
 def _layer_norm_bwd_triton(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, weight_grad: bool, bias_grad: bool
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    weight_grad: bool,
+    bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from dlfast.triton_kernels.layer_norm import layer_norm_bwd
 
@@ -101,7 +111,9 @@ def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, 
         if t is None:
             continue
         if tuple(t.shape) != normalized_shape:
-            raise ValueError(f"layer_norm: {name} must have shape {list(normalized_shape)}, got {list(t.shape)}")
+            raise ValueError(
+                f"layer_norm: {name} must have shape {list(normalized_shape)}, got {list(t.shape)}"
+            )
         if t.device != x.device:
             raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
         if t.dtype not in _FLOAT_DTYPES:
