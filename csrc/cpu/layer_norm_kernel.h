@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 
 #include "cpu_kernels.h"
@@ -58,69 +59,118 @@ inline Acc row_sum(const Acc* p, int64_t n, const F& f) {
   return s;
 }
 
-// Widens n elements of a reduced-precision row into float.
+// Vector loads and stores of a T row as Acc. Reduced-precision rows move two float
+// vectors per step (one full Vectorized<T>); float and double rows one vector.
 template <typename T>
-inline void widen(const T* src, float* dst, int64_t n) {
-  using FVec = Vectorized<float>;
-  constexpr int64_t V = FVec::size();
-  int64_t j = 0;
-  for (; j + V <= n; j += V) {
-    FVec v;
-    at::vec::load_to_float<T>(src + j, v);
-    v.store(dst + j);
+struct RowIO {
+  using Acc = acc_t<T>;
+  using Vec = Vectorized<Acc>;
+  static constexpr bool kWiden = !std::is_same_v<T, Acc>;
+  static constexpr int kVecs = kWiden ? 2 : 1;
+  static constexpr int64_t kStep = kVecs * Vec::size();
+
+  static void load(const T* p, Vec (&v)[kVecs]) {
+    if constexpr (kWiden) {
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+    } else {
+      v[0] = Vec::loadu(p);
+    }
   }
-  for (; j < n; ++j) {
-    dst[j] = static_cast<float>(src[j]);
+  static void store(T* p, const Vec (&v)[kVecs]) {
+    if constexpr (kWiden) {
+      at::vec::convert_from_float<T>(v[0], v[1]).store(p);
+    } else {
+      v[0].store(p);
+    }
+  }
+};
+
+// A per-thread Acc copy of a row, allocated only for reduced-precision T (float and
+// double rows are read in place).
+template <typename T>
+struct AccBuffer {
+  using Acc = acc_t<T>;
+  explicit AccBuffer(int64_t n) : data(RowIO<T>::kWiden ? new Acc[n] : nullptr) {}
+  std::unique_ptr<Acc[]> data;
+};
+
+// weight or bias as Acc: the tensor itself, or a widened per-thread copy; nullptr if absent.
+template <typename T>
+const acc_t<T>* acc_vector(const T* v, int64_t n, AccBuffer<T>& buf) {
+  if (v == nullptr) return nullptr;
+  if constexpr (!RowIO<T>::kWiden) {
+    return v;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buf.data[j] = static_cast<acc_t<T>>(v[j]);
+    return buf.data.get();
   }
 }
 
-// A row of T seen as Acc: the row itself when T is Acc, else a widened copy.
+// Sum of a T row, widening it into `widened` on the way when T is reduced: the one pass
+// that reads the row from memory. Returns the row as Acc.
 template <typename T>
-class AccRow {
- public:
+const acc_t<T>* load_and_sum(const T* row, int64_t n, AccBuffer<T>& widened, acc_t<T>& sum) {
+  using IO = RowIO<T>;
   using Acc = acc_t<T>;
-  static constexpr bool kWiden = !std::is_same_v<T, Acc>;
-
-  explicit AccRow(int64_t n) : n_(n), buf_(kWiden ? new Acc[n] : nullptr) {}
-
-  const Acc* load(const T* row) {
-    if constexpr (kWiden) {
-      widen(row, buf_.get(), n_);
-      return buf_.get();
-    } else {
-      return row;
+  if constexpr (!IO::kWiden) {
+    sum = row_sum(row, n, [](auto v) { return v; });
+    return row;
+  } else {
+    Acc* out = widened.data.get();
+    typename IO::Vec s(Acc(0)), v[IO::kVecs];
+    int64_t j = 0;
+    for (; j + IO::kStep <= n; j += IO::kStep) {
+      IO::load(row + j, v);
+      v[0].store(out + j);
+      v[1].store(out + j + IO::Vec::size());
+      s = s + v[0] + v[1];
     }
-  }
-  // Where to write an output row: straight into `row`, or into the buffer for store().
-  Acc* out(T* row) {
-    if constexpr (kWiden) {
-      return buf_.get();
-    } else {
-      return row;
+    Acc total = at::vec::vec_reduce_all<Acc>([](auto& a, auto& b) { return a + b; }, s);
+    for (; j < n; ++j) {
+      out[j] = static_cast<Acc>(row[j]);
+      total += out[j];
     }
+    sum = total;
+    return out;
   }
-  void store(T* row) {
-    if constexpr (kWiden) {
-      at::vec::convert(buf_.get(), row, n_);
+}
+
+// y = (x - mean) * rstd * w + b, with w and b optional (has_w, has_b are compile-time
+// flags, so the loop carries no per-element branch).
+template <typename T, bool kHasW, bool kHasB>
+void normalize_row(const acc_t<T>* xr, const acc_t<T>* w, const acc_t<T>* b, T* yr, int64_t n,
+                   acc_t<T> mu, acc_t<T> rs) {
+  using IO = RowIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t V = Vec::size();
+  const Vec vmu(mu), vrs(rs);
+  int64_t j = 0;
+  for (; j + IO::kStep <= n; j += IO::kStep) {
+    Vec out[IO::kVecs];
+    for (int k = 0; k < IO::kVecs; ++k) {
+      const int64_t c = j + k * V;
+      Vec v = (Vec::loadu(xr + c) - vmu) * vrs;
+      if constexpr (kHasW) v = v * Vec::loadu(w + c);
+      if constexpr (kHasB) v = v + Vec::loadu(b + c);
+      out[k] = v;
     }
+    IO::store(yr + j, out);
   }
+  for (; j < n; ++j) {
+    acc_t<T> v = (xr[j] - mu) * rs;
+    if constexpr (kHasW) v *= w[j];
+    if constexpr (kHasB) v += b[j];
+    yr[j] = static_cast<T>(v);
+  }
+}
 
- private:
-  int64_t n_;
-  std::unique_ptr<Acc[]> buf_;
-};
-
-// y = x * a + b over a row, with w and bias optional: a generic lambda keeps one
-// copy of the loop for the four affine cases.
+// Per row: the mean in the pass that reads the row, the centred variance over the cached
+// (and for reduced T widened) row, then one pass that writes y.
 template <typename T>
 void layer_norm_fwd_typed(const LayerNormFwdArgs& args) {
   using Acc = acc_t<T>;
-  using Vec = Vectorized<Acc>;
-  constexpr int64_t V = Vec::size();
   const int64_t M = args.M, N = args.N;
   const T* x = static_cast<const T*>(args.x);
-  const T* weight = static_cast<const T*>(args.weight);
-  const T* bias = static_cast<const T*>(args.bias);
   T* y = static_cast<T*>(args.y);
   Acc* mean = static_cast<Acc*>(args.mean);
   Acc* rstd = static_cast<Acc*>(args.rstd);
@@ -128,28 +178,15 @@ void layer_norm_fwd_typed(const LayerNormFwdArgs& args) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N, 1));
 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    AccRow<T> row(N), w_row(N), b_row(N);
-    const Acc* w = weight ? w_row.load(weight) : nullptr;
-    const Acc* b = bias ? b_row.load(bias) : nullptr;
-    auto normalize = [&](auto has_w, auto has_b, const Acc* xr, Acc* yr, Acc mu, Acc rs) {
-      const Vec vmu(mu), vrs(rs);
-      auto affine = [&](Vec v, int64_t j, int64_t count) {
-        v = (v - vmu) * vrs;
-        if constexpr (decltype(has_w)::value) v = v * Vec::loadu(w + j, count);
-        if constexpr (decltype(has_b)::value) v = v + Vec::loadu(b + j, count);
-        return v;
-      };
-      int64_t j = 0;
-      for (; j + V <= N; j += V) {
-        affine(Vec::loadu(xr + j), j, V).store(yr + j);
-      }
-      if (j < N) {
-        affine(Vec::loadu(xr + j, N - j), j, N - j).store(yr + j, N - j);
-      }
-    };
+    AccBuffer<T> row(N), w_buf(N), b_buf(N);
+    const Acc* w = acc_vector(static_cast<const T*>(args.weight), N, w_buf);
+    const Acc* b = acc_vector(static_cast<const T*>(args.bias), N, b_buf);
+    auto normalize = w ? (b ? normalize_row<T, true, true> : normalize_row<T, true, false>)
+                       : (b ? normalize_row<T, false, true> : normalize_row<T, false, false>);
     for (int64_t i = begin; i < end; ++i) {
-      const Acc* xr = row.load(x + i * N);
-      const Acc mu = row_sum(xr, N, [](auto v) { return v; }) / N;
+      Acc sum;
+      const Acc* xr = load_and_sum(x + i * N, N, row, sum);
+      const Acc mu = sum / N;
       const Acc var = row_sum(xr, N, [mu](auto v) {
                         using V_t = decltype(v);
                         V_t d = v - V_t(mu);
@@ -158,31 +195,25 @@ void layer_norm_fwd_typed(const LayerNormFwdArgs& args) {
       const Acc rs = Acc(1) / std::sqrt(var + eps);
       mean[i] = mu;
       rstd[i] = rs;
-      Acc* yr = row.out(y + i * N);
-      using yes = std::true_type;
-      using no = std::false_type;
-      if (w && b) normalize(yes{}, yes{}, xr, yr, mu, rs);
-      else if (w) normalize(yes{}, no{}, xr, yr, mu, rs);
-      else if (b) normalize(no{}, yes{}, xr, yr, mu, rs);
-      else normalize(no{}, no{}, xr, yr, mu, rs);
-      row.store(y + i * N);
+      normalize(xr, w, b, y + i * N, N, mu, rs);
     }
   });
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w, written as
-// dx = a*g + c*x + b per row. dweight/dbias: each chunk of rows sums into private
-// Acc buffers, then the chunks are added in a fixed order (no atomics, repeatable
-// for a given thread count).
+// dx = a*g + c*x + b per row: one pass for the two row sums (widening x and dy into
+// per-thread buffers when T is reduced), one pass writing dx. dweight/dbias: each chunk
+// of rows sums into private Acc buffers, then the chunks are added in a fixed order (no
+// atomics, repeatable for a given thread count).
 template <typename T>
 void layer_norm_bwd_typed(const LayerNormBwdArgs& args) {
   using Acc = acc_t<T>;
-  using Vec = Vectorized<Acc>;
+  using IO = RowIO<T>;
+  using Vec = typename IO::Vec;
   constexpr int64_t V = Vec::size();
   const int64_t M = args.M, N = args.N;
   const T* dy = static_cast<const T*>(args.dy);
   const T* x = static_cast<const T*>(args.x);
-  const T* weight = static_cast<const T*>(args.weight);
   const Acc* mean = static_cast<const Acc*>(args.mean);
   const Acc* rstd = static_cast<const Acc*>(args.rstd);
   T* dx = static_cast<T*>(args.dx);
@@ -193,43 +224,75 @@ void layer_norm_bwd_typed(const LayerNormBwdArgs& args) {
   std::unique_ptr<Acc[]> db_part(want_db ? new Acc[chunks * N]() : nullptr);
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    AccRow<T> x_row(N), dy_row(N), w_row(N), dx_row(N);
-    const Acc* w = weight ? w_row.load(weight) : nullptr;
+    AccBuffer<T> x_buf(N), dy_buf(N), w_buf(N);
+    const Acc* w = acc_vector(static_cast<const T*>(args.weight), N, w_buf);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       Acc* dw = want_dw ? dw_part.get() + c * N : nullptr;
       Acc* db = want_db ? db_part.get() + c * N : nullptr;
       for (int64_t i = c * M / chunks; i < (c + 1) * M / chunks; ++i) {
-        const Acc* xr = x_row.load(x + i * N);
-        const Acc* gr = dy_row.load(dy + i * N);
         const Acc mu = mean[i], rs = rstd[i];
-        // sum(g) and sum(g * (x - mu)), g = dy * w
+        const T* x_row = x + i * N;
+        const T* dy_row = dy + i * N;
+        Acc* xw = x_buf.data.get();
+        Acc* gw = dy_buf.data.get();
+        // Pass 1: sum(g) and sum(g * (x - mu)), g = dy * w.
         Vec sg(Acc(0)), sgx(Acc(0));
         int64_t j = 0;
-        auto accumulate = [&](int64_t count) {
-          Vec g = Vec::loadu(gr + j, count);
-          if (w) g = g * Vec::loadu(w + j, count);
-          sg = sg + g;
-          sgx = sgx + g * (Vec::loadu(xr + j, count) - Vec(mu));
-        };
-        for (; j + V <= N; j += V) accumulate(V);
-        if (j < N) accumulate(N - j);
+        for (; j + IO::kStep <= N; j += IO::kStep) {
+          Vec xv[IO::kVecs], gv[IO::kVecs];
+          IO::load(x_row + j, xv);
+          IO::load(dy_row + j, gv);
+          for (int k = 0; k < IO::kVecs; ++k) {
+            const int64_t col = j + k * V;
+            if constexpr (IO::kWiden) {
+              xv[k].store(xw + col);
+              gv[k].store(gw + col);
+            }
+            const Vec g = w ? gv[k] * Vec::loadu(w + col) : gv[k];
+            sg = sg + g;
+            sgx = sgx + g * (xv[k] - Vec(mu));
+          }
+        }
         auto add = [](Vec& p, Vec& q) { return p + q; };
-        const Acc mean_g = at::vec::vec_reduce_all<Acc>(add, sg) / N;
-        const Acc mean_gxhat = at::vec::vec_reduce_all<Acc>(add, sgx) * rs / N;
-        const Vec va(rs), vc(-rs * rs * mean_gxhat), vb(-rs * mean_g + mu * rs * rs * mean_gxhat);
-        const Vec vmu(mu), vrs(rs);
-        Acc* dxr = dx_row.out(dx + i * N);
-        auto emit = [&](int64_t count) {
-          const Vec dyv = Vec::loadu(gr + j, count);
-          const Vec xv = Vec::loadu(xr + j, count);
-          const Vec g = w ? dyv * Vec::loadu(w + j, count) : dyv;
-          (va * g + vc * xv + vb).store(dxr + j, count);
-          if (dw) (Vec::loadu(dw + j, count) + dyv * ((xv - vmu) * vrs)).store(dw + j, count);
-          if (db) (Vec::loadu(db + j, count) + dyv).store(db + j, count);
-        };
-        for (j = 0; j + V <= N; j += V) emit(V);
-        if (j < N) emit(N - j);
-        dx_row.store(dx + i * N);
+        Acc sum_g = at::vec::vec_reduce_all<Acc>(add, sg);
+        Acc sum_gx = at::vec::vec_reduce_all<Acc>(add, sgx);
+        for (; j < N; ++j) {
+          const Acc xj = static_cast<Acc>(x_row[j]), dyj = static_cast<Acc>(dy_row[j]);
+          if constexpr (IO::kWiden) {
+            xw[j] = xj;
+            gw[j] = dyj;
+          }
+          const Acc g = w ? dyj * w[j] : dyj;
+          sum_g += g;
+          sum_gx += g * (xj - mu);
+        }
+        const Acc* xr = IO::kWiden ? xw : reinterpret_cast<const Acc*>(x_row);
+        const Acc* gr = IO::kWiden ? gw : reinterpret_cast<const Acc*>(dy_row);
+        const Acc mean_g = sum_g / N;
+        const Acc mean_gxhat = sum_gx * rs / N;
+        const Acc a = rs, cx = -rs * rs * mean_gxhat, c0 = -rs * mean_g + mu * rs * rs * mean_gxhat;
+        // Pass 2: dx, and this chunk's dweight/dbias partial sums.
+        const Vec va(a), vc(cx), vb(c0), vmu(mu), vrs(rs);
+        T* dx_row = dx + i * N;
+        for (j = 0; j + IO::kStep <= N; j += IO::kStep) {
+          Vec out[IO::kVecs];
+          for (int k = 0; k < IO::kVecs; ++k) {
+            const int64_t col = j + k * V;
+            const Vec dyv = Vec::loadu(gr + col);
+            const Vec xv = Vec::loadu(xr + col);
+            const Vec g = w ? dyv * Vec::loadu(w + col) : dyv;
+            out[k] = va * g + vc * xv + vb;
+            if (dw) (Vec::loadu(dw + col) + dyv * ((xv - vmu) * vrs)).store(dw + col);
+            if (db) (Vec::loadu(db + col) + dyv).store(db + col);
+          }
+          IO::store(dx_row + j, out);
+        }
+        for (; j < N; ++j) {
+          const Acc g = w ? gr[j] * w[j] : gr[j];
+          dx_row[j] = static_cast<T>(a * g + cx * xr[j] + c0);
+          if (dw) dw[j] += gr[j] * ((xr[j] - mu) * rs);
+          if (db) db[j] += gr[j];
+        }
       }
     }
   });
