@@ -54,7 +54,8 @@ cuda-check:
 			-c $$f -o build/cuda-check/$$(basename $$f .cu).o 2>&1 | tee build/cuda-check/$$(basename $$f .cu).log \
 			| grep -E "error|spill|Used|Compiling" ; \
 		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
-	done
+	done; \
+	echo "cuda-check: $(words $(CUDA_SOURCES)) CUDA source(s) compiled for sm_80 and sm_90a"
 
 bench: $(VENV)/.built
 	$(PY) -m dlfast bench --json build/bench/$$(hostname).json

@@ -216,3 +216,41 @@ def test_every_cpu_isa_variant(isa):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr
+
+
+def test_weight_gradients_are_deterministic(backend_device):
+    """dweight/dbias are reduced in a fixed order (no float atomics): bitwise repeatable."""
+    backend, device = backend_device
+    x, w, b = make_inputs((64, 300), (300,), torch.float32, device)
+    grads = []
+    for _ in range(2):
+        w_, b_ = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        dlfast.layer_norm(x, 300, w_, b_, backend=backend).square().sum().backward()
+        grads.append((w_.grad, b_.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_and_side_stream(backend):
+    """Kernels launch on the current stream, so a captured graph replays them correctly."""
+    reason = skip_reason(backend, "cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    x, w, b = make_inputs((128, 512), (512,), torch.float16, "cuda")
+    expected = reference.layer_norm(x, (512,), w, b)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = dlfast.layer_norm(x, 512, w, b, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(on_side, expected, **tol(torch.float16))
+
+    static_x = x.clone()
+    dlfast.layer_norm(static_x, 512, w, b, backend=backend)  # warm-up (compiles Triton) outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = dlfast.layer_norm(static_x, 512, w, b, backend=backend)
+    new_x, _, _ = make_inputs((128, 512), (512,), torch.float16, "cuda", seed=3)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.testing.assert_close(static_y, reference.layer_norm(new_x, (512,), w, b), **tol(torch.float16))
