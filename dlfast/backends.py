@@ -24,14 +24,17 @@ import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "reference", "torch")
 
-# The default backends per (op, device type), fastest first; the first available one runs.
-# The source of each row is a committed benchmark result (benchmarks/results/). A kernel that
-# has never passed the suite on a real GPU is never a default, so CUDA tensors go to PyTorch's
-# own op until a GPU run under benchmarks/results/ shows dlfast's kernel correct and faster.
-DEFAULTS: dict[tuple[str, str], tuple[str, ...]] = {
-    # benchmarks/results/cpu-2core-avx512/layer_norm.json: fwd+bwd faster than F.layer_norm.
-    ("layer_norm", "cpu"): ("cpu", "torch"),
-    ("layer_norm", "cuda"): ("torch",),
+# The default backends per (op, device type) and input size: rows of (largest input numel the
+# row covers, or None for any size; backends fastest first). The first row that covers the input
+# and the first of its backends that is available here run. Each row comes from a committed
+# benchmark result (benchmarks/results/). A kernel that has never passed the suite on a real GPU
+# is never a default, so CUDA tensors go to PyTorch's own op until a GPU run under
+# benchmarks/results/ shows dlfast's kernel correct and faster.
+DEFAULTS: dict[tuple[str, str], tuple[tuple[int | None, tuple[str, ...]], ...]] = {
+    # benchmarks/results/cpu-2core-avx512/layer_norm.json. Below 2^18 elements the ~12 us that a
+    # call through a Python-registered custom op costs outweighs the kernel's lead.
+    ("layer_norm", "cpu"): ((2**18, ("torch",)), (None, ("cpu", "torch"))),
+    ("layer_norm", "cuda"): ((None, ("torch",)),),
 }
 
 
@@ -131,8 +134,8 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def choose(op: str, device: torch.device, backend: str | None = None) -> str:
-    """The backend that runs `op` on a tensor on `device`."""
+def choose(op: str, device: torch.device, numel: int, backend: str | None = None) -> str:
+    """The backend that runs `op` on an input of `numel` elements on `device`."""
     name = backend or (_forced[-1] if _forced else None) or os.environ.get("DLFAST_BACKEND") or None
     if name is not None:
         reason = unavailable_reason(name)
@@ -141,7 +144,10 @@ def choose(op: str, device: torch.device, backend: str | None = None) -> str:
         if not runs_on(name, device):
             raise ValueError(f"dlfast backend {name!r} cannot run {op} on {device.type} tensors")
         return name
-    for candidate in DEFAULTS.get((op, device.type), ("torch",)):
-        if unavailable_reason(candidate) is None and runs_on(candidate, device):
-            return candidate
+    for max_numel, candidates in DEFAULTS.get((op, device.type), ()):
+        if max_numel is None or numel <= max_numel:
+            for candidate in candidates:
+                if unavailable_reason(candidate) is None and runs_on(candidate, device):
+                    return candidate
+            break
     return "torch"

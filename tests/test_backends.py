@@ -19,14 +19,27 @@ def test_reference_and_torch_always_available():
     assert {"reference", "torch"} <= set(dlfast.available_backends())
 
 
-def test_every_default_names_a_known_backend():
-    for (op, device), names in backends.DEFAULTS.items():
-        assert names and set(names) <= set(backends.BACKENDS), (op, device)
+def test_every_default_names_a_known_backend_and_ends_with_any_size():
+    for (op, device), rows in backends.DEFAULTS.items():
+        for _max_numel, names in rows:
+            assert names and set(names) <= set(backends.BACKENDS), (op, device)
+        assert rows[-1][0] is None, f"{op} on {device}: the last row must cover every size"
+        sizes = [n for n, _ in rows[:-1]]
+        assert sizes == sorted(sizes), f"{op} on {device}: rows must grow in size"
 
 
 def test_cuda_default_is_a_gpu_proven_backend():
     # Until a committed GPU run proves a kernel, CUDA tensors go to PyTorch's own op.
-    assert backends.DEFAULTS[("layer_norm", "cuda")] == ("torch",)
+    assert backends.DEFAULTS[("layer_norm", "cuda")] == ((None, ("torch",)),)
+
+
+def test_size_classes():
+    if backends.unavailable_reason("cpu") is not None:
+        pytest.skip("the C++ extension did not load")
+    dev = torch.device("cpu")
+    (small, small_backends), (_, large_backends) = backends.DEFAULTS[("layer_norm", "cpu")]
+    assert backends.choose("layer_norm", dev, small) == small_backends[0]
+    assert backends.choose("layer_norm", dev, small + 1) == large_backends[0]
 
 
 def test_unknown_backend_is_rejected():
@@ -54,14 +67,12 @@ def test_backend_that_cannot_take_the_device():
 def test_overrides_in_priority_order(monkeypatch):
     dev = torch.device("cpu")
     monkeypatch.setenv("DLFAST_BACKEND", "reference")
-    assert backends.choose("layer_norm", dev) == "reference"
+    assert backends.choose("layer_norm", dev, 10) == "reference"
     with dlfast.use_backend("torch"):
-        assert backends.choose("layer_norm", dev) == "torch"
-        assert backends.choose("layer_norm", dev, backend="reference") == "reference"
+        assert backends.choose("layer_norm", dev, 10) == "torch"
+        assert backends.choose("layer_norm", dev, 10, backend="reference") == "reference"
     monkeypatch.delenv("DLFAST_BACKEND")
-    assert backends.choose("layer_norm", dev) == backends.DEFAULTS[("layer_norm", "cpu")][0] or (
-        backends.unavailable_reason("cpu") is not None
-    )
+    assert backends.choose("layer_norm", dev, 10) == "torch"
 
 
 def test_use_backend_restores_on_error():

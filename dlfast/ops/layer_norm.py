@@ -145,7 +145,7 @@ def layer_norm(
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     _check(x, shape, weight, bias)
-    name = backends.choose("layer_norm", x.device, backend)
+    name = backends.choose("layer_norm", x.device, x.numel(), backend)
     if name == "torch":
         return F.layer_norm(x, shape, weight, bias, eps)
     if name == "reference":
@@ -157,8 +157,17 @@ def layer_norm(
         # Nothing to normalise: let PyTorch produce the (empty) result and its graph.
         return F.layer_norm(x, shape, weight, bias, eps)
     x2d = x.reshape(-1, N).contiguous()
-    w = None if weight is None else weight.to(x.dtype).reshape(N).contiguous()
-    b = None if bias is None else bias.to(x.dtype).reshape(N).contiguous()
     fwd, _bwd = _KERNELS[name]
-    y, _mean, _rstd = fwd(x2d, w, b, eps)
-    return y.view(x.shape)
+    y, _mean, _rstd = fwd(x2d, _as_row_vector(weight, x.dtype, N), _as_row_vector(bias, x.dtype, N), eps)
+    return y.view_as(x)
+
+
+def _as_row_vector(t: Tensor | None, dtype: torch.dtype, N: int) -> Tensor | None:
+    """weight or bias as the kernels take it: (N,), contiguous, in x's dtype."""
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if t.dim() != 1:
+        t = t.reshape(N)
+    return t.contiguous()
