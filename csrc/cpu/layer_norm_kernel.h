@@ -137,15 +137,19 @@ const acc_t<T>* load_and_sum(const T* row, int64_t n, AccBuffer<T>& widened, acc
 
 // y = (x - mean) * rstd * w + b, with w and b optional (has_w, has_b are compile-time
 // flags, so the loop carries no per-element branch).
+// `next` (the next row of x, or nullptr) is prefetched as y is written: the pass that reads a
+// row from memory otherwise starts only after this one, and the read of a row and the write
+// of the previous one would not overlap.
 template <typename T, bool kHasW, bool kHasB>
 void normalize_row(const acc_t<T>* xr, const acc_t<T>* w, const acc_t<T>* b, T* yr, int64_t n,
-                   acc_t<T> mu, acc_t<T> rs) {
+                   acc_t<T> mu, acc_t<T> rs, const T* next) {
   using IO = RowIO<T>;
   using Vec = typename IO::Vec;
   constexpr int64_t V = Vec::size();
   const Vec vmu(mu), vrs(rs);
   int64_t j = 0;
   for (; j + IO::kStep <= n; j += IO::kStep) {
+    if (next) __builtin_prefetch(next + j);
     Vec out[IO::kVecs];
     for (int k = 0; k < IO::kVecs; ++k) {
       const int64_t c = j + k * V;
@@ -195,7 +199,7 @@ void layer_norm_fwd_typed(const LayerNormFwdArgs& args) {
       const Acc rs = Acc(1) / std::sqrt(var + eps);
       mean[i] = mu;
       rstd[i] = rs;
-      normalize(xr, w, b, y + i * N, N, mu, rs);
+      normalize(xr, w, b, y + i * N, N, mu, rs, i + 1 < end ? x + (i + 1) * N : nullptr);
     }
   });
 }
