@@ -64,18 +64,17 @@ lint: $(VENV)/.deps
 	$(PY) -m ruff check dlfast triton_kernels tests benchmarks setup.py
 	$(PY) -m ruff format --check dlfast triton_kernels tests benchmarks setup.py
 
-# On a GPU machine (no network): a venv over the python already there (its torch, triton,
-# pytest), dlfast built into it with CUDA, the whole suite on the GPU, then the benchmark.
-# Logs and results go to $(GPU_OUT); the exit status is the test suite's.
-GPU_VENV := build/gpu-venv
+# On a GPU machine (no network): dlfast built with CUDA and installed (editable, no downloads)
+# into the python already there, whose torch, triton and pytest it uses (a venv made from a venv
+# would not see them); then the whole suite on the GPU and the benchmark. Logs and results go to
+# $(GPU_OUT); the exit status is the test suite's.
 gpu-check:
 	mkdir -p $(GPU_OUT)
-	$(GPU_PY) -m venv --system-site-packages $(GPU_VENV)
-	set -o pipefail; MAX_JOBS=$${MAX_JOBS:-16} $(GPU_VENV)/bin/python -m pip install --no-index --no-deps \
+	set -o pipefail; MAX_JOBS=$${MAX_JOBS:-16} $(GPU_PY) -m pip install --no-index --no-deps \
 		--no-build-isolation -e . 2>&1 | tee $(GPU_OUT)/build.log
-	$(GPU_VENV)/bin/python -m dlfast info | tee $(GPU_OUT)/info.txt
-	set -o pipefail; $(GPU_VENV)/bin/python -m pytest -q -rs tests 2>&1 | tee $(GPU_OUT)/pytest.log; status=$$?; \
-	$(GPU_VENV)/bin/python -m dlfast bench --device cuda --json $(GPU_OUT)/bench.json 2>&1 | tee $(GPU_OUT)/bench.log; \
+	$(GPU_PY) -m dlfast info | tee $(GPU_OUT)/info.txt
+	set -o pipefail; $(GPU_PY) -m pytest -q -rs tests 2>&1 | tee $(GPU_OUT)/pytest.log; status=$$?; \
+	$(GPU_PY) -m dlfast bench --device cuda --json $(GPU_OUT)/bench.json 2>&1 | tee $(GPU_OUT)/bench.log; \
 	exit $$status
 
 clean:
