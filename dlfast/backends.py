@@ -24,18 +24,24 @@ import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "reference", "torch")
 
-# The default backends per (op, device type) and input size: rows of (largest input numel the
-# row covers, or None for any size; backends fastest first). The first row that covers the input
-# and the first of its backends that is available here run. Each row comes from a committed
-# benchmark result (benchmarks/results/). A kernel that has never passed the suite on a real GPU
-# is never a default, so CUDA tensors go to PyTorch's own op until a GPU run under
+# The default backends per (op, device type): rows of (largest input numel the row covers or None
+# for any size, the dtypes it covers or None for any, backends fastest first). The first row that
+# covers the input and the first of its backends available here run. Each row comes from a
+# committed benchmark result (benchmarks/results/). A kernel that has never passed the suite on a
+# real GPU is never a default, so CUDA tensors go to PyTorch's own op until a GPU run under
 # benchmarks/results/ shows dlfast's kernel correct and faster.
-DEFAULTS: dict[tuple[str, str], tuple[tuple[int | None, tuple[str, ...]], ...]] = {
-    # benchmarks/results/cpu-epyc-2core-avx512/layer_norm-1thread.json: fwd+bwd 1.17-2.0x F.layer_norm
-    # in bf16, 0.95-1.09x in fp32 (within this machine's noise). Below 2^18 elements the ~12 us
-    # that a call through a Python-registered custom op costs outweighs the kernel's lead.
-    ("layer_norm", "cpu"): ((2**18, ("torch",)), (None, ("cpu", "torch"))),
-    ("layer_norm", "cuda"): ((None, ("torch",)),),
+DefaultRow = tuple[int | None, tuple[torch.dtype, ...] | None, tuple[str, ...]]
+DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
+    # benchmarks/results/cpu-epyc-2core-avx512/layer_norm.json (2 threads): fwd+bwd 1.05-1.41x
+    # F.layer_norm in bf16, but 0.80-0.92x in fp32, so fp32 (and the unmeasured fp64) stay with
+    # PyTorch. Below 2^18 elements the ~12 us that a call through a Python-registered custom op
+    # costs outweighs the kernel's lead.
+    ("layer_norm", "cpu"): (
+        (2**18, None, ("torch",)),
+        (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
+        (None, None, ("torch",)),
+    ),
+    ("layer_norm", "cuda"): ((None, None, ("torch",)),),
 }
 
 
@@ -135,8 +141,9 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def choose(op: str, device: torch.device, numel: int, backend: str | None = None) -> str:
-    """The backend that runs `op` on an input of `numel` elements on `device`."""
+def choose(op: str, x: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that runs `op` on input `x` (its device, size and dtype decide the default)."""
+    device = x.device
     name = backend or (_forced[-1] if _forced else None) or os.environ.get("DLFAST_BACKEND") or None
     if name is not None:
         reason = unavailable_reason(name)
@@ -145,8 +152,8 @@ def choose(op: str, device: torch.device, numel: int, backend: str | None = None
         if not runs_on(name, device):
             raise ValueError(f"dlfast backend {name!r} cannot run {op} on {device.type} tensors")
         return name
-    for max_numel, candidates in DEFAULTS.get((op, device.type), ()):
-        if max_numel is None or numel <= max_numel:
+    for max_numel, dtypes, candidates in DEFAULTS.get((op, device.type), ()):
+        if (max_numel is None or x.numel() <= max_numel) and (dtypes is None or x.dtype in dtypes):
             for candidate in candidates:
                 if unavailable_reason(candidate) is None and runs_on(candidate, device):
                     return candidate

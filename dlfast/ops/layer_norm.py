@@ -145,13 +145,13 @@ def layer_norm(
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     _check(x, shape, weight, bias)
-    name = backends.choose("layer_norm", x.device, x.numel(), backend)
+    name = backends.choose("layer_norm", x, backend)
     if name == "torch":
         return F.layer_norm(x, shape, weight, bias, eps)
     if name == "reference":
         return reference.layer_norm(x, shape, weight, bias, eps)
-    if name == "triton" and x.dtype == torch.float64:
-        raise TypeError("layer_norm: the triton backend takes float32, float16 and bfloat16, not float64")
+    if name in ("triton", "cuda") and x.dtype == torch.float64:
+        raise TypeError(f"layer_norm: the {name} backend takes float32, float16 and bfloat16, not float64")
     N = math.prod(shape)
     if x.numel() == 0 or N == 0:
         # Nothing to normalise: let PyTorch produce the (empty) result and its graph.
