@@ -809,6 +809,21 @@ struct BwdArgs {
   int sms;
 };
 
+// Where the `partials` fp32 partial-sum rows of dweight and dbias live in the workspace (after the
+// per-row coefficients); nullptr for a gradient that is not wanted.
+struct PartialRows {
+  float* dweight;
+  float* dbias;
+};
+
+template <typename T>
+PartialRows partial_rows(const BwdArgs<T>& a, int64_t partials) {
+  float* base = a.workspace + coef_floats(a.M);
+  float* dw = a.dweight != nullptr ? base : nullptr;
+  float* db = a.dbias != nullptr ? base + (dw != nullptr ? partials * a.N : 0) : nullptr;
+  return {dw, db};
+}
+
 template <typename T>
 cudaError_t launch_bwd_reduce(const BwdArgs<T>& a, const float* pdw, const float* pdb,
                               int64_t partials, cudaStream_t stream) {
@@ -831,10 +846,9 @@ cudaError_t launch_bwd_rows(const BwdArgs<T>& a, cudaStream_t stream) {
   if (occupancy == 0) return launch_bwd_looped<T, VEC>(a, stream);  // shared memory too small
   const int64_t partials =
       std::min<int64_t>(ceil_div(a.M, RPB), int64_t(a.sms) * std::min(2, occupancy));
-  float* pdw = a.dweight != nullptr ? a.workspace + coef_floats(a.M) : nullptr;
-  float* pdb = a.dbias != nullptr
-                   ? a.workspace + coef_floats(a.M) + (pdw != nullptr ? partials * a.N : 0)
-                   : nullptr;
+  const PartialRows p = partial_rows(a, partials);
+  float* pdw = p.dweight;
+  float* pdb = p.dbias;
   kernel<<<static_cast<unsigned>(partials), kThreads, kSmem, stream>>>(
       a.dy, a.x, a.weight, a.mean, a.rstd, a.dx, pdw, pdb, a.M, a.N);
   const cudaError_t err = cudaGetLastError();
@@ -857,10 +871,9 @@ cudaError_t launch_bwd_looped(const BwdArgs<T>& a, cudaStream_t stream) {
   const int64_t chunks = ceil_div(a.N / VEC, kColThreads);
   const int64_t partials = std::max<int64_t>(
       1, std::min<int64_t>(max_partials(a.M, a.sms), ceil_div(8 * int64_t(a.sms), chunks)));
-  float* pdw = a.dweight != nullptr ? a.workspace + coef_floats(a.M) : nullptr;
-  float* pdb = a.dbias != nullptr
-                   ? a.workspace + coef_floats(a.M) + (pdw != nullptr ? partials * a.N : 0)
-                   : nullptr;
+  const PartialRows p = partial_rows(a, partials);
+  float* pdw = p.dweight;
+  float* pdb = p.dbias;
   const dim3 grid(grid_for(chunks), static_cast<unsigned>(partials));
   layer_norm_bwd_cols_kernel<T, VEC, kColThreads><<<grid, kColThreads, 0, stream>>>(
       a.dy, a.x, a.weight, a.mean, a.rstd, coef, a.dx, pdw, pdb, a.M, a.N);
