@@ -32,8 +32,8 @@ BACKENDS = ("cuda", "triton", "cpu", "reference", "torch")
 # benchmarks/results/ shows dlfast's kernel correct and faster.
 DefaultRow = tuple[int | None, tuple[torch.dtype, ...] | None, tuple[str, ...]]
 DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
-    # benchmarks/results/cpu-epyc-2core-avx512/layer_norm.json (2 threads): fwd+bwd 1.05-1.41x
-    # F.layer_norm in bf16, but 0.80-0.92x in fp32, so fp32 (and the unmeasured fp64) stay with
+    # benchmarks/results/cpu-epyc-2core-avx512/layer_norm.json (2 threads): fwd+bwd 1.06-1.50x
+    # F.layer_norm in bf16, but 0.84-0.92x in fp32, so fp32 (and the unmeasured fp64) stay with
     # PyTorch. Below 2^18 elements the ~12 us that a call through a Python-registered custom op
     # costs outweighs the kernel's lead.
     ("layer_norm", "cpu"): (

@@ -256,3 +256,35 @@ def test_cuda_graph_capture_and_side_stream(backend):
     static_x.copy_(new_x)
     graph.replay()
     torch.testing.assert_close(static_y, reference.layer_norm(new_x, (512,), w, b), **tol(torch.float16))
+
+
+def test_large_offsets_and_outliers(backend_device):
+    """Rows whose mean dwarfs their spread, and rows whose first element is an outlier: the
+    cases where a one-pass variance formula loses digits. Here float32 itself cannot hold the
+    centred values exactly, so the bar is PyTorch's own float32 error (at most 2x it)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 1000, generator=g, dtype=torch.float64)
+    x[:2] = x[:2] * 1e-1 + 1e3  # mean 1e3, spread 1e-1
+    x[2, 0] = 1e4  # first element far out
+    x[3, 0] = -3e3
+    x[4, 500] = 5e3  # an outlier elsewhere in the row
+    x32 = x.float().to(device)
+    dy = torch.randn(x.shape, generator=g).to(device)
+    exact_in = x32.double().requires_grad_(True)
+    exact = reference.layer_norm(exact_in, (1000,))
+    exact.backward(dy.double())
+    errors = {}
+    for name, fn in (
+        ("dlfast", lambda t: dlfast.layer_norm(t, 1000, backend=backend)),
+        ("torch", lambda t: F.layer_norm(t, (1000,))),
+    ):
+        xin = x32.clone().requires_grad_(True)
+        y = fn(xin)
+        y.backward(dy)
+        errors[name] = (
+            (y.double() - exact).abs().max().item(),
+            (xin.grad.double() - exact_in.grad).abs().max().item(),
+        )
+    for ours, theirs in zip(errors["dlfast"], errors["torch"], strict=True):
+        assert ours <= 2 * theirs + 1e-5, errors

@@ -106,32 +106,51 @@ const acc_t<T>* acc_vector(const T* v, int64_t n, AccBuffer<T>& buf) {
   }
 }
 
-// Sum of a T row, widening it into `widened` on the way when T is reduced: the one pass
-// that reads the row from memory. Returns the row as Acc.
+// Shifted sums s1 = sum(x - k) and s2 = sum((x - k)^2) of a T row, in the one pass that reads
+// it from memory (widening it into `widened` on the way when T is reduced). Returns the row as Acc.
 template <typename T>
-const acc_t<T>* load_and_sum(const T* row, int64_t n, AccBuffer<T>& widened, acc_t<T>& sum) {
+const acc_t<T>* load_and_moments(const T* row, int64_t n, acc_t<T> k, AccBuffer<T>& widened,
+                                 acc_t<T>& s1, acc_t<T>& s2) {
   using IO = RowIO<T>;
   using Acc = acc_t<T>;
-  if constexpr (!IO::kWiden) {
-    sum = row_sum(row, n, [](auto v) { return v; });
-    return row;
-  } else {
-    Acc* out = widened.data.get();
-    typename IO::Vec s(Acc(0)), v[IO::kVecs];
-    int64_t j = 0;
-    for (; j + IO::kStep <= n; j += IO::kStep) {
+  using Vec = typename IO::Vec;
+  constexpr int64_t V = Vec::size();
+  Acc* out = widened.data.get();
+  const Vec vk(k);
+  Vec a1(Acc(0)), a2(Acc(0)), b1(Acc(0)), b2(Acc(0));
+  int64_t j = 0;
+  for (; j + 2 * V <= n; j += 2 * V) {
+    Vec v0, v1;
+    if constexpr (IO::kWiden) {
+      Vec v[2];
       IO::load(row + j, v);
-      v[0].store(out + j);
-      v[1].store(out + j + IO::Vec::size());
-      s = s + v[0] + v[1];
+      v0 = v[0];
+      v1 = v[1];
+      v0.store(out + j);
+      v1.store(out + j + V);
+    } else {
+      v0 = Vec::loadu(row + j);
+      v1 = Vec::loadu(row + j + V);
     }
-    Acc total = at::vec::vec_reduce_all<Acc>([](auto& a, auto& b) { return a + b; }, s);
-    for (; j < n; ++j) {
-      out[j] = static_cast<Acc>(row[j]);
-      total += out[j];
-    }
-    sum = total;
+    const Vec d0 = v0 - vk, d1 = v1 - vk;
+    a1 = a1 + d0;
+    b1 = b1 + d1;
+    a2 = at::vec::fmadd(d0, d0, a2);
+    b2 = at::vec::fmadd(d1, d1, b2);
+  }
+  auto add = [](Vec& p, Vec& q) { return p + q; };
+  s1 = at::vec::vec_reduce_all<Acc>(add, a1 + b1);
+  s2 = at::vec::vec_reduce_all<Acc>(add, a2 + b2);
+  for (; j < n; ++j) {
+    const Acc v = static_cast<Acc>(row[j]);
+    if constexpr (IO::kWiden) out[j] = v;
+    s1 += v - k;
+    s2 += (v - k) * (v - k);
+  }
+  if constexpr (IO::kWiden) {
     return out;
+  } else {
+    return row;
   }
 }
 
@@ -168,8 +187,7 @@ void normalize_row(const acc_t<T>* xr, const acc_t<T>* w, const acc_t<T>* b, T* 
   }
 }
 
-// Per row: the mean in the pass that reads the row, the centred variance over the cached
-// (and for reduced T widened) row, then one pass that writes y.
+// Per row: the mean and variance in the pass that reads the row, then one pass that writes y.
 template <typename T>
 void layer_norm_fwd_typed(const LayerNormFwdArgs& args) {
   using Acc = acc_t<T>;
@@ -188,14 +206,22 @@ void layer_norm_fwd_typed(const LayerNormFwdArgs& args) {
     auto normalize = w ? (b ? normalize_row<T, true, true> : normalize_row<T, true, false>)
                        : (b ? normalize_row<T, false, true> : normalize_row<T, false, false>);
     for (int64_t i = begin; i < end; ++i) {
-      Acc sum;
-      const Acc* xr = load_and_sum(x + i * N, N, row, sum);
-      const Acc mu = sum / N;
-      const Acc var = row_sum(xr, N, [mu](auto v) {
-                        using V_t = decltype(v);
-                        V_t d = v - V_t(mu);
-                        return d * d;
-                      }) / N;
+      // Moments shifted by the row's first element, in one pass: var = E[(x-k)^2] - (mean-k)^2
+      // loses about (mean-k)^2 / var of relative precision, so when k sits far from the mean
+      // the variance is recomputed exactly (centred) from the cached row.
+      const Acc k = static_cast<Acc>(x[i * N]);
+      Acc s1, s2;
+      const Acc* xr = load_and_moments(x + i * N, N, k, row, s1, s2);
+      const Acc shift = s1 / N;
+      const Acc mu = k + shift;
+      Acc var = s2 / N - shift * shift;
+      if (!(shift * shift <= 8 * var)) {
+        var = row_sum(xr, N, [mu](auto v) {
+                using V_t = decltype(v);
+                V_t d = v - V_t(mu);
+                return d * d;
+              }) / N;
+      }
       const Acc rs = Acc(1) / std::sqrt(var + eps);
       mean[i] = mu;
       rstd[i] = rs;
