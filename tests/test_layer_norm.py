@@ -288,3 +288,26 @@ def test_large_offsets_and_outliers(backend_device):
         )
     for ours, theirs in zip(errors["dlfast"], errors["torch"], strict=True):
         assert ours <= 2 * theirs + 1e-5, errors
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_autocast_runs_in_float32_like_torch(backend):
+    reason = skip_reason(backend, "cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    x, w, b = make_inputs((16, 256), (256,), torch.float32, "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h = x.to(torch.bfloat16)
+        ours = dlfast.layer_norm(h, 256, w, b, backend=backend)
+        theirs = F.layer_norm(h, (256,), w, b)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, **tol(torch.float32))
+
+
+def test_cpu_autocast_keeps_the_input_dtype_like_torch(backend_device):
+    backend, device = backend_device
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    x, w, b = make_inputs((16, 256), (256,), torch.float16, device)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dlfast.layer_norm(x, 256, w, b, backend=backend).dtype == F.layer_norm(x, (256,), w, b).dtype

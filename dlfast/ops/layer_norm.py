@@ -87,6 +87,9 @@ def _register(fwd_name: str, bwd_name: str):
         return dx, (dweight if weight_grad else None), (dbias if bias_grad else None), None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    # Under CUDA autocast PyTorch runs layer_norm in float32 (its fp32 op list); so do these.
+    # (CPU autocast leaves layer_norm alone, and so do we.)
+    torch.library.register_autocast(fwd, "cuda", torch.float32)
     return fwd, bwd
 
 
