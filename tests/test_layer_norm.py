@@ -311,3 +311,18 @@ def test_cpu_autocast_keeps_the_input_dtype_like_torch(backend_device):
     x, w, b = make_inputs((16, 256), (256,), torch.float16, device)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert dlfast.layer_norm(x, 256, w, b, backend=backend).dtype == F.layer_norm(x, (256,), w, b).dtype
+
+
+def test_torch_compile_dynamic_shapes():
+    """normalized_shape taken from a dynamic x.shape arrives as SymInts."""
+    if skip_reason("cpu", "cpu") is not None:
+        pytest.skip("the C++ extension did not load")
+    torch._dynamo.reset()
+
+    def f(x):
+        return dlfast.layer_norm(x, x.shape[-1:], backend="cpu")
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    for rows, cols in ((3, 40), (5, 72)):
+        x = torch.randn(rows, cols)
+        torch.testing.assert_close(compiled(x), F.layer_norm(x, (cols,)), **tol(torch.float32))

@@ -103,7 +103,7 @@ def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, 
         raise TypeError(f"layer_norm: x must be a Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"layer_norm: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if any(not isinstance(n, int) or n < 0 for n in normalized_shape):
+    if any(not isinstance(n, (int, torch.SymInt)) or n < 0 for n in normalized_shape):
         raise ValueError(f"layer_norm: normalized_shape must be non-negative ints, got {normalized_shape}")
     if len(normalized_shape) == 0 or tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape:
         raise ValueError(
