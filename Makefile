@@ -33,7 +33,7 @@ venv: $(VENV)/.built
 
 .PHONY: venv
 
-test: test-python test-triton-interpreted cuda-check
+test: lint test-python test-triton-interpreted cuda-check
 
 test-python: $(VENV)/.built
 	$(PY) -m pytest -q tests
