@@ -67,6 +67,12 @@ def _backend_params():
 BACKEND_DEVICE_PARAMS = _backend_params()
 
 
+@pytest.fixture(params=[p for p in BACKEND_DEVICE_PARAMS if p.id in ("cuda-cuda", "triton-cuda")])
+def gpu_kernel_backend(request):
+    """ "cuda" and "triton" on CUDA tensors; skipped (with the reason) where they cannot run."""
+    return request.param[0]
+
+
 @pytest.fixture(params=BACKEND_DEVICE_PARAMS)
 def backend_device(request):
     """(backend, device) for every kernel backend and device it runs on; unavailable ones skip."""

@@ -236,12 +236,9 @@ def test_weight_gradients_are_deterministic(backend_device):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_graph_capture_and_side_stream(backend):
+def test_cuda_graph_capture_and_side_stream(gpu_kernel_backend):
     """Kernels launch on the current stream, so a captured graph replays them correctly."""
-    reason = skip_reason(backend, "cuda")
-    if reason is not None:
-        pytest.skip(reason)
+    backend = gpu_kernel_backend
     x, w, b = make_inputs((128, 512), (512,), torch.float16, "cuda")
     expected = reference.layer_norm(x, (512,), w, b)
     side = torch.cuda.Stream()
@@ -294,11 +291,8 @@ def test_large_offsets_and_outliers(backend_device):
         assert ours <= 2 * theirs + 1e-5, errors
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_cuda_autocast_runs_in_float32_like_torch(backend):
-    reason = skip_reason(backend, "cuda")
-    if reason is not None:
-        pytest.skip(reason)
+def test_cuda_autocast_runs_in_float32_like_torch(gpu_kernel_backend):
+    backend = gpu_kernel_backend
     x, w, b = make_inputs((16, 256), (256,), torch.float32, "cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         h = x.to(torch.bfloat16)
