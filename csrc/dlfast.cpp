@@ -18,6 +18,31 @@ TORCH_LIBRARY(dlfast, m) {
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
       " bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+
+  // Attention, FlashAttention style: the (Lq, Lk) score matrix is never stored.
+  // q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D), Hkv divides H (query head h reads key/value head
+  // h / (H / Hkv)); all contiguous, one float dtype. key_padding_mask: (B, Lk) bool, True =
+  // attend, or None. Query i may attend key j iff mask[b, j] and, when causal,
+  // j <= i + causal_shift (0 aligns the diagonal top-left as SDPA's is_causal does, Lk - Lq
+  // bottom-right). scores = scale * q.k. dropout_p in [0, 1): each attention probability is
+  // kept, and scaled by 1 / (1 - dropout_p), iff philox4x32_10(key = seed, counter = (j, i,
+  // b * H + h, 0))[0] >= min(floor(dropout_p * 2^32), 2^32 - 1), the rule of
+  // dlfast.reference.dropout_keep_mask, so every backend draws the same mask. seed: a 0-dim
+  // int64 tensor on q's device (low 32 bits key word 0, high 32 bits key word 1), or None when
+  // dropout_p == 0.
+  // Returns out (B, H, Lq, D) in q's dtype and lse (B, H, Lq), float32 (float64 for float64
+  // input): the natural-log log-sum-exp of the row's allowed scores, +inf for a row with no
+  // allowed key (whose output is zeros).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal,"
+      " int causal_shift, float scale, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  // dout, out: (B, H, Lq, D) contiguous; lse from attention_fwd. Returns dq (B, H, Lq, D) and
+  // dk, dv (B, Hkv, Lk, D), in q's dtype. deterministic: bitwise-repeatable results (a
+  // backend whose backward is always deterministic ignores it).
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+      " Tensor? key_padding_mask, bool causal, int causal_shift, float scale, float dropout_p,"
+      " Tensor? seed, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import dlfast._C` loads this library, which runs the registrations above. The module

@@ -36,3 +36,96 @@ def layer_norm(
     if bias is not None:
         y = y + bias.to(xf.dtype)
     return y.to(x.dtype)
+
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_BUMP = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit halves of a * b for a constant a and int64 b in [0, 2^32), exactly:
+    the product needs 64 unsigned bits, so it is built from 16-bit halves in int64."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    cross = a_hi * b_lo + a_lo * b_hi  # < 2^33
+    low_part = cross * 65536 + a_lo * b_lo  # < 2^50
+    hi = a_hi * b_hi + (low_part >> 32)
+    return hi & _U32, low_part & _U32
+
+
+def philox4x32_10(key: tuple[int, int], counter: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """Word 0 of the Philox4x32-10 block (Salmon et al., SC'11; Random123's constants) for int64
+    counter words in [0, 2^32); the counter-based generator every dlfast dropout kernel uses."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_ROUND[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_ROUND[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_KEY_BUMP[0]) & _U32, (k1 + _PHILOX_KEY_BUMP[1]) & _U32
+    return c0
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 32-bit draw below which a probability is dropped: floor(p * 2^32), computed in double."""
+    return min(int(dropout_p * 4294967296.0), _U32)
+
+
+def dropout_keep_mask(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: float, device=None) -> Tensor:
+    """(B, H, Lq, Lk) bool: which attention probabilities survive dropout, as every dlfast
+    attention kernel draws them. Element [b, h, i, j] is kept iff
+    philox4x32_10(key=(seed low 32 bits, seed high 32 bits), counter=(j, i, b * H + h, 0))[0]
+    >= dropout_threshold(dropout_p). Counter-based, so the backward redraws the forward's mask."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    key = (seed & _U32, seed >> 32)
+    j = torch.arange(Lk, device=device).view(1, 1, Lk)
+    i = torch.arange(Lq, device=device).view(1, Lq, 1)
+    bh = torch.arange(B * H, device=device).view(B * H, 1, 1)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    draw = philox4x32_10(key, torch.broadcast_tensors(j, i, bh, zero))
+    return (draw >= dropout_threshold(dropout_p)).view(B, H, Lq, Lk)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    causal_shift: int = 0,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> Tensor:
+    """softmax(scale * q k^T, masked) v, materialising the (Lq, Lk) scores.
+
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D) with Hkv dividing H (query head h reads key/value
+    head h // (H // Hkv), as SDPA's enable_gqa). Query i attends key j iff key_padding_mask[b, j]
+    (True = attend) and, when causal, j <= i + causal_shift. A row that may attend nothing
+    gives zeros. With dropout_p > 0 the probabilities are multiplied by
+    dropout_keep_mask(seed, ...) / (1 - dropout_p).
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    acc = _acc_dtype(q)
+    group = H // k.shape[1]
+    qf = q.to(acc)
+    kf = k.to(acc).repeat_interleave(group, dim=1)
+    vf = v.to(acc).repeat_interleave(group, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+    if causal:
+        rows = torch.arange(Lq, device=q.device).view(Lq, 1)
+        allowed = torch.arange(Lk, device=q.device).view(1, Lk) <= rows + causal_shift
+    allowed = allowed.expand(B, 1, Lq, Lk)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.view(B, 1, 1, Lk)
+    # A row with no allowed key would be softmax(all -inf) = NaN; its scores are left finite
+    # and its probabilities zeroed, so neither the output nor the gradient sees a NaN.
+    scores = scores.masked_fill(~allowed & allowed.any(-1, keepdim=True), float("-inf"))
+    probs = torch.softmax(scores, dim=-1) * allowed
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, B, H, Lq, Lk, dropout_p, device=q.device)
+        probs = probs * keep / (1.0 - dropout_p)
+    return (probs @ vf).to(q.dtype)
