@@ -1,6 +1,7 @@
 """Drop-in layers: same constructor, defaults and state_dict keys as the torch.nn layer."""
 
+from dlfast.nn.attention import CausalSelfAttention, MultiheadAttention
 from dlfast.nn.convert import convert, revert
 from dlfast.nn.layer_norm import LayerNorm
 
-__all__ = ["LayerNorm", "convert", "revert"]
+__all__ = ["CausalSelfAttention", "LayerNorm", "MultiheadAttention", "convert", "revert"]

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from dlfast.nn.attention import MultiheadAttention
 from dlfast.nn.layer_norm import LayerNorm
 
 # torch.nn class -> its dlfast drop-in. Each drop-in subclasses the torch class and adds no
 # state, so swapping an instance's class keeps its parameters, buffers, hooks and device.
 _DROP_INS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
     torch.nn.LayerNorm: LayerNorm,
+    torch.nn.MultiheadAttention: MultiheadAttention,
 }
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:
     """Replaces, in place, every layer of `model` that dlfast has a drop-in for; returns `model`.
 
-    Only exact instances are converted: a user subclass of torch.nn.LayerNorm may override
+    Only exact instances are converted: a user subclass of a torch.nn layer may override
     forward, so it is left as it is.
     """
     for module in model.modules():
