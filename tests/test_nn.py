@@ -70,3 +70,112 @@ def test_convert_leaves_user_subclasses_alone():
     model = torch.nn.Sequential(MyNorm(8))
     dlfast.nn.convert(model)
     assert type(model[0]) is MyNorm
+
+
+def _grads(model):
+    return [p.grad for p in model.parameters()]
+
+
+def _same_outputs_and_gradients(ours, theirs, *inputs, **kwargs):
+    out_ours, out_theirs = ours(*inputs, **kwargs), theirs(*inputs, **kwargs)
+    if isinstance(out_ours, tuple):
+        out_ours, out_theirs = out_ours[0], out_theirs[0]
+    torch.testing.assert_close(out_ours, out_theirs, **tol(torch.float32))
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **tol(torch.float32), msg=name)
+
+
+def _kernel_backend():
+    """The C++ kernel where it loaded, so the layer tests run dlfast's own attention."""
+    return "cpu" if dlfast.backends.unavailable_reason("cpu") is None else "reference"
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize(
+    "masks", ["none", "padding", "causal", "causal_bool", "causal_hint", "causal_and_padding", "cross"]
+)
+def test_multihead_attention_is_a_drop_in(batch_first, masks):
+    torch.manual_seed(0)
+    kdim = 24 if masks == "cross" else None
+    theirs = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=kdim, vdim=kdim)
+    ours = copy.deepcopy(theirs)
+    dlfast.nn.convert(ours)
+    assert type(ours) is dlfast.nn.MultiheadAttention
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    N, L, S = 3, 7, (5 if masks == "cross" else 7)
+    query = torch.randn(N, L, 32)
+    key = value = query if masks != "cross" else torch.randn(N, S, 24)
+    if not batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    padding = torch.zeros(N, S, dtype=torch.bool)
+    padding[0, -2:] = True
+    kwargs = {
+        "none": {},
+        "padding": {"key_padding_mask": padding},
+        "causal": {"attn_mask": torch.nn.Transformer.generate_square_subsequent_mask(L)},
+        "causal_bool": {"attn_mask": torch.ones(L, L, dtype=torch.bool).triu(1)},
+        "causal_hint": {"attn_mask": torch.ones(L, L, dtype=torch.bool).triu(1), "is_causal": True},
+        "causal_and_padding": {
+            "attn_mask": torch.ones(L, L, dtype=torch.bool).triu(1),
+            "key_padding_mask": padding,
+        },
+        "cross": {"key_padding_mask": padding},
+    }[masks]
+    with dlfast.use_backend(_kernel_backend()):
+        _same_outputs_and_gradients(ours, theirs, query, key, value, need_weights=False, **kwargs)
+
+
+def test_multihead_attention_takes_the_fused_path_only_where_it_can(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        dlfast.nn.attention, "attention", lambda *a, **k: calls.append(1) or dlfast.attention(*a, **k)
+    )
+    mha = dlfast.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    _, weights = mha(x, x, x)  # need_weights defaults to True: torch's path, which returns them
+    assert weights is not None and weights.shape == (2, 5, 5) and not calls
+    mha(x, x, x, need_weights=False, attn_mask=torch.randn(5, 5))  # an arbitrary float mask
+    assert not calls
+    _, weights = mha(x, x, x, need_weights=False)
+    assert weights is None and len(calls) == 1
+
+
+def test_convert_a_transformer_with_attention_keeps_outputs_and_gradients():
+    torch.manual_seed(0)
+    theirs = torch.nn.Transformer(
+        d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, dropout=0.0,
+        batch_first=True,
+    )  # fmt: skip
+    ours = dlfast.nn.convert(copy.deepcopy(theirs))
+    assert sum(type(m) is dlfast.nn.MultiheadAttention for m in ours.modules()) == 3
+    src, tgt = torch.randn(2, 9, 32), torch.randn(2, 6, 32)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6)
+    with dlfast.use_backend(_kernel_backend()):
+        _same_outputs_and_gradients(
+            ours,
+            theirs,
+            src,
+            tgt,
+            tgt_mask=causal,
+            src_key_padding_mask=padding,
+            memory_key_padding_mask=padding,
+        )
+
+
+def test_causal_self_attention_matches_sdpa():
+    torch.manual_seed(0)
+    layer = dlfast.nn.CausalSelfAttention(d_model=32, n_heads=4)
+    x = torch.randn(2, 11, 32)
+    with dlfast.use_backend(_kernel_backend()):
+        ours = layer(x)
+    q, k, v = layer.c_attn(x).split(32, dim=2)
+    q, k, v = (t.view(2, 11, 4, 8).transpose(1, 2) for t in (q, k, v))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, layer.c_proj(y.transpose(1, 2).reshape(2, 11, 32)), **tol(torch.float32))
+    assert set(layer.state_dict()) == {"c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"}
+    with pytest.raises(ValueError, match="must divide d_model"):
+        dlfast.nn.CausalSelfAttention(30, 4)
