@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-# op name -> module that defines its cases. Later ops (attention, conv, bigram) add a line here.
+# op name -> module that defines its cases.
 OPS: dict[str, str] = {
     "layer_norm": "dlfast.bench.layer_norm",
+    "attention": "dlfast.bench.attention",
 }
 
 EAGER_PEER = "torch"
@@ -55,7 +56,7 @@ ROW_KEYS = (
     "median_ms",
     "gbps",  # achieved GB/s (1e9 bytes) by the op's bytes-moved model, or None
     "tflops",  # achieved TFLOP/s for compute-bound ops, or None
-    "frac_of_limit",  # gbps / the copy GB/s measured in the same run (None without gbps)
+    "frac_of_limit",  # tflops / a same-dtype matmul's TFLOP/s, else gbps / copy GB/s, same run
     "vs_torch",  # eager torch time / this time
     "vs_best_peer",  # fastest peer's time / this time
 )
@@ -206,6 +207,22 @@ def measure_copy_gbps(device: torch.device, quick: bool) -> tuple[float, int]:
     return 2 * nbytes / (ms * 1e6), nbytes
 
 
+# Matmul TFLOP/s per dtype measured in this run, by measure_matmul_tflops (recorded in the meta).
+_MATMUL_TFLOPS: dict[torch.dtype, float] = {}
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
+    """TFLOP/s of a square matmul in `dtype` (measured once per run): the practical compute limit
+    that rows of compute-bound ops (attention) are compared with."""
+    if dtype not in _MATMUL_TFLOPS:
+        n = 8192 if device.type == "cuda" else 1024
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        ms = time_calls({"matmul": Timed(lambda: a @ b)}, device, quick)["matmul"]
+        _MATMUL_TFLOPS[dtype] = 2 * n**3 / (ms * 1e9)
+    return _MATMUL_TFLOPS[dtype]
+
+
 # ---------------------------------------------------------------------------------------------
 # Metadata
 
@@ -323,8 +340,10 @@ def _time_case(
         eager = times.get(EAGER_PEER)
         peer_times = [ms for name, ms in times.items() if kinds[name] == "peer"]
         best_peer = min(peer_times) if peer_times else None
+        matmul_tflops = None if work.flops is None else measure_matmul_tflops(device, case.dtype, quick)
         for name, ms in times.items():
             gbps = None if work.bytes is None else work.bytes / (ms * 1e6)
+            tflops = None if work.flops is None else work.flops / (ms * 1e9)
             rows.append(
                 {
                     "op": op,
@@ -335,8 +354,10 @@ def _time_case(
                     "kind": kinds[name],
                     "median_ms": ms,
                     "gbps": gbps,
-                    "tflops": None if work.flops is None else work.flops / (ms * 1e9),
-                    "frac_of_limit": None if gbps is None else gbps / copy_gbps,
+                    "tflops": tflops,
+                    "frac_of_limit": tflops / matmul_tflops
+                    if tflops is not None
+                    else _ratio(gbps, copy_gbps),
                     "vs_torch": _ratio(eager, ms),
                     "vs_best_peer": _ratio(best_peer, ms),
                 }
@@ -389,7 +410,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The rows as an aligned text table, a blank line between (op, dtype, shape, pass) groups."""
-    header = ("op", "pass", "dtype", "shape", "backend", "ms", "GB/s", "of copy", "vs torch", "vs best peer")
+    header = (
+        "op",
+        "pass",
+        "dtype",
+        "shape",
+        "backend",
+        "ms",
+        "GB/s|TFLOP/s",
+        "of limit",
+        "vs torch",
+        "vs best peer",
+    )
     lines = [header]
     breaks = set()
     previous = None
@@ -407,7 +439,7 @@ def format_table(rows: list[dict]) -> str:
                 shape,
                 row["backend"],
                 _fmt(row["median_ms"], ".4f"),
-                _fmt(row["gbps"], ".1f"),
+                _fmt(row["gbps"] if row["tflops"] is None else row["tflops"], ".1f"),
                 _fmt(None if row["frac_of_limit"] is None else 100 * row["frac_of_limit"], ".0f") + "%",
                 _fmt(row["vs_torch"], ".2f") + "x",
                 _fmt(row["vs_best_peer"], ".2f") + "x",
