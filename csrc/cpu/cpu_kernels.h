@@ -40,10 +40,57 @@ struct LayerNormBwdArgs {
   c10::ScalarType dtype;
 };
 
+// What both attention passes take (csrc/dlfast.cpp states the semantics). q: (B, H, Lq, D);
+// k, v: (B, Hkv, Lk, D), Hkv dividing H; key_padding_mask: (B, Lk), True = attend, or nullptr.
+// seed: the 64-bit Philox key, read only when dropout_p > 0.
+struct AttentionParams {
+  int64_t B;
+  int64_t H;
+  int64_t Hkv;
+  int64_t Lq;
+  int64_t Lk;
+  int64_t D;
+  const bool* key_padding_mask;
+  bool causal;
+  int64_t causal_shift;
+  double scale;
+  double dropout_p;
+  uint64_t seed;
+};
+
+// All (B, heads, L, D) tensors contiguous in the dtype `dtype`; lse: (B, H, Lq) in the
+// accumulation type (float, or double for double input).
+struct AttentionFwdArgs {
+  AttentionParams params;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  void* lse;
+  c10::ScalarType dtype;
+};
+
+// dout, out, dq: (B, H, Lq, D); dk, dv: (B, Hkv, Lk, D); lse from the forward.
+struct AttentionBwdArgs {
+  AttentionParams params;
+  const void* dout;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* lse;
+  void* dq;
+  void* dk;
+  void* dv;
+  c10::ScalarType dtype;
+};
+
 #define DLFAST_DECLARE_CPU_KERNELS(ISA)                \
   namespace ISA {                                      \
   void layer_norm_fwd(const LayerNormFwdArgs& args);   \
   void layer_norm_bwd(const LayerNormBwdArgs& args);   \
+  void attention_fwd(const AttentionFwdArgs& args);    \
+  void attention_bwd(const AttentionBwdArgs& args);    \
   }
 
 DLFAST_DECLARE_CPU_KERNELS(DEFAULT)

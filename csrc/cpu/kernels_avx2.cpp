@@ -10,3 +10,4 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "layer_norm_kernel.h"
+#include "attention_kernel.h"

@@ -13,3 +13,4 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "layer_norm_kernel.h"
+#include "attention_kernel.h"

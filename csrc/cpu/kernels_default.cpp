@@ -4,3 +4,4 @@
 #define CPU_CAPABILITY DEFAULT
 #define CPU_CAPABILITY_DEFAULT
 #include "layer_norm_kernel.h"
+#include "attention_kernel.h"
