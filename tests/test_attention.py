@@ -8,6 +8,10 @@ error happens to be near zero.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,6 +289,8 @@ def test_opcheck(attention_backend):
     args = (q, k, v, kwargs["key_padding_mask"], True, 4, 0.25, 0.2, seed)
     torch.library.opcheck(fwd, args)
     out, lse = fwd(*args)
+    # The backward op is not itself differentiable (no double backward), so no grad inputs.
+    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
     torch.library.opcheck(bwd, (dout, q, k, v, out, lse, *args[3:], True))
 
 
@@ -351,3 +357,26 @@ def test_bad_input_names_the_argument(call, error, match):
     args, kwargs = call
     with pytest.raises(error, match=match):
         dlfast.attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_every_cpu_isa_variant(isa):
+    """Each CPU kernel build (chosen at run time, forced here by ATEN_CPU_CAPABILITY) is correct."""
+    levels = ["default", "avx2", "avx512"]
+    this_cpu = torch.backends.cpu.get_cpu_capability().lower()
+    if this_cpu in levels and levels.index(isa) > levels.index(this_cpu):
+        pytest.skip(f"this CPU tops out at {this_cpu}")
+    script = (
+        "import torch, dlfast, dlfast._C\n"
+        "from test_attention import CASES, make_inputs, assert_within_twice_torch_error\n"
+        f"assert dlfast._C.cpu_isa == {isa.upper()!r}, dlfast._C.cpu_isa\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for case in CASES[:6]:\n"
+        "        q, k, v, dout, kwargs = make_inputs(case, dtype, 'cpu')\n"
+        "        assert_within_twice_torch_error('cpu', q, k, v, dout, dropout_p=0.2, **kwargs)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
