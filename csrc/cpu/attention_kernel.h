@@ -2,19 +2,22 @@
 // by kernels_<isa>.cpp (which defines CPU_CAPABILITY before including this file).
 //
 // Scores live only in per-thread (key block x query block) tiles. Every block product runs
-// through one register-blocked micro-kernel (gemm_tile): it accumulates each output element as
-// one chain of fused multiply-adds in a fixed order, whatever the tile shapes around it, so the
-// results are bitwise repeatable and independent of how the work is split across threads.
+// through a register-blocked micro-kernel that accumulates each output element as one chain of
+// fused multiply-adds in a fixed order, whatever the tile shapes around it, so the results are
+// bitwise repeatable and independent of how the work is split across threads.
 //
-// Layouts: a tile is either "key-major" (rows are keys, lanes are queries: the forward and the
-// dq pass, where the softmax statistics of a query block are vectors) or "query-major" (the
-// dk/dv pass, whose statistics are per-row scalars). Either way the operand read along vector
-// lanes is a small transposed panel packed per task, and every other operand is read in place
-// as rows, so no pass over the whole of k or v is needed for a transposed copy.
+// A tile is either "key-major" (rows are keys, lanes are queries: the forward and the dq pass,
+// where the softmax statistics of a query block are vectors) or "query-major" (the dk/dv pass,
+// whose statistics are per-row scalars). Two kinds of product appear:
+//   score products, tile (m x lanes) = rows of one input (m x D) . panel (D x lanes), where the
+//     panel is a block of another input transposed, packed once per task;
+//   output products, acc (m x D) += tile^T (m x rows) . rows of an input (rows x D).
+// A "path" (FloatPath, Bf16Path) fixes how both read their operands.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -22,6 +25,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "../philox.h"
 #include "cpu_kernels.h"
@@ -33,7 +37,7 @@ namespace CPU_CAPABILITY {
 // Query and key block sizes: the tiles of one block pair (scores, the packed panels, the output
 // accumulator) stay in L1/L2 for the head dims the models use.
 constexpr int64_t kAttnBlockQ = 64;
-constexpr int64_t kAttnBlockK = 64;
+constexpr int64_t kAttnBlockK = 128;
 
 // Micro-kernel tile: kTileRows rows x kTileVecs vectors of accumulators, sized to the register
 // file (32 vector registers with AVX-512, 16 otherwise) less the B row and the broadcast A value.
@@ -47,86 +51,96 @@ constexpr int kTileVecs = 2;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// C (MR x NV vectors) = [C +] A B over k = 0..K-1, with A(i, k) = a[i * a_rs + k * a_cs] (any
-// strides, as A is only ever broadcast) and row-major B and C.
-template <typename Acc, int MR, int NV>
-inline void gemm_tile(int64_t K, const Acc* a, int64_t a_rs, int64_t a_cs, const Acc* b,
-                      int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
-  using Vec = Vectorized<Acc>;
-  constexpr int64_t V = Vec::size();
-  Vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * V) : Vec(Acc(0));
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + k * ldb + v * V);
-    const Acc* ak = a + k * a_cs;
-    for (int r = 0; r < MR; ++r) {
-      const Vec ar(ak[r * a_rs]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * V);
-  }
-}
+// The micro-kernel of the float path: C (MR rows x NV vectors) = [C +] A B over k < K, with
+// A(i, k) = a[i * a_rs + k * a_cs] (any strides, as A is only ever broadcast) and row-major B, C.
+template <typename Acc>
+struct FmaTile {
+  using Word = Acc;
+  using Out = Acc;
+  static constexpr int64_t kLanes = Vectorized<Acc>::size();
 
-// The last nvec (< kTileVecs) vectors of a row band.
-template <typename Acc, int MR, int NV>
-inline void gemm_tile_cols(int64_t nvec, int64_t K, const Acc* a, int64_t a_rs, int64_t a_cs,
-                           const Acc* b, int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
+  template <int MR, int NV>
+  static void run(int64_t K, const Acc* a, int64_t a_rs, int64_t a_cs, const Acc* b, int64_t ldb,
+                  Acc* c, int64_t ldc, bool accumulate) {
+    using Vec = Vectorized<Acc>;
+    Vec acc[MR][NV];
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * kLanes) : Vec(Acc(0));
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      Vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + k * ldb + v * kLanes);
+      const Acc* ak = a + k * a_cs;
+      for (int r = 0; r < MR; ++r) {
+        const Vec ar(ak[r * a_rs]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kLanes);
+    }
+  }
+};
+
+// The last nvec (< kTileVecs) vectors of a band of MR rows.
+template <typename Tile, int MR, int NV>
+inline void gemm_tile_cols(int64_t nvec, int64_t K, const typename Tile::Word* a, int64_t a_rs,
+                           int64_t a_cs, const typename Tile::Word* b, int64_t ldb,
+                           typename Tile::Out* c, int64_t ldc, bool accumulate) {
   if (nvec == NV) {
-    gemm_tile<Acc, MR, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    Tile::template run<MR, NV>(K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
   } else if constexpr (NV > 1) {
-    gemm_tile_cols<Acc, MR, NV - 1>(nvec, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    gemm_tile_cols<Tile, MR, NV - 1>(nvec, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
   }
 }
 
 // One band of MR rows: whole tiles, then the remaining vectors.
-template <typename Acc, int MR>
-inline void gemm_band(int64_t nvec, int64_t K, const Acc* a, int64_t a_rs, int64_t a_cs,
-                      const Acc* b, int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t V = Vectorized<Acc>::size();
+template <typename Tile, int MR>
+inline void gemm_band(int64_t nvec, int64_t K, const typename Tile::Word* a, int64_t a_rs,
+                      int64_t a_cs, const typename Tile::Word* b, int64_t ldb,
+                      typename Tile::Out* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = Tile::kLanes;
   int64_t v = 0;
   for (; v + kTileVecs <= nvec; v += kTileVecs) {
-    gemm_tile<Acc, MR, kTileVecs>(K, a, a_rs, a_cs, b + v * V, ldb, c + v * V, ldc, accumulate);
+    Tile::template run<MR, kTileVecs>(K, a, a_rs, a_cs, b + v * L, ldb, c + v * L, ldc,
+                                      accumulate);
   }
   if (v < nvec) {
-    gemm_tile_cols<Acc, MR, kTileVecs - 1>(nvec - v, K, a, a_rs, a_cs, b + v * V, ldb, c + v * V,
-                                           ldc, accumulate);
+    gemm_tile_cols<Tile, MR, kTileVecs - 1>(nvec - v, K, a, a_rs, a_cs, b + v * L, ldb,
+                                            c + v * L, ldc, accumulate);
   }
 }
 
 // The last m (< kTileRows) rows.
-template <typename Acc, int MR>
-inline void gemm_band_rows(int64_t m, int64_t nvec, int64_t K, const Acc* a, int64_t a_rs,
-                           int64_t a_cs, const Acc* b, int64_t ldb, Acc* c, int64_t ldc,
-                           bool accumulate) {
+template <typename Tile, int MR>
+inline void gemm_band_rows(int64_t m, int64_t nvec, int64_t K, const typename Tile::Word* a,
+                           int64_t a_rs, int64_t a_cs, const typename Tile::Word* b, int64_t ldb,
+                           typename Tile::Out* c, int64_t ldc, bool accumulate) {
   if (m == MR) {
-    gemm_band<Acc, MR>(nvec, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    gemm_band<Tile, MR>(nvec, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
   } else if constexpr (MR > 1) {
-    gemm_band_rows<Acc, MR - 1>(m, nvec, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    gemm_band_rows<Tile, MR - 1>(m, nvec, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
   }
 }
 
-// C (m x n) = [C +] A (m x K) B (K x n), A strided as in gemm_tile, B and C row-major. Works in
-// whole vectors: rows of B must be readable, and rows of C writable, up to n rounded up to a
-// vector; the lanes of C past n come out as garbage.
-template <typename Acc>
-void gemm(int64_t m, int64_t n, int64_t K, const Acc* a, int64_t a_rs, int64_t a_cs, const Acc* b,
-          int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
-  const int64_t nvec = (n + Vectorized<Acc>::size() - 1) / Vectorized<Acc>::size();
+// C (m x n) = [C +] A (m x K) B (K x n), A strided as in FmaTile, B and C row-major, K counted in
+// the tile's words. Works in whole vectors: rows of B must be readable, and rows of C writable,
+// up to n rounded up to a vector; the lanes of C past n come out as garbage.
+template <typename Tile>
+void gemm(int64_t m, int64_t n, int64_t K, const typename Tile::Word* a, int64_t a_rs,
+          int64_t a_cs, const typename Tile::Word* b, int64_t ldb, typename Tile::Out* c,
+          int64_t ldc, bool accumulate) {
+  const int64_t nvec = (n + Tile::kLanes - 1) / Tile::kLanes;
   int64_t i = 0;
   for (; i + kTileRows <= m; i += kTileRows) {
-    gemm_band<Acc, kTileRows>(nvec, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc,
-                              accumulate);
+    gemm_band<Tile, kTileRows>(nvec, K, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc,
+                               accumulate);
   }
   if (i < m) {
-    gemm_band_rows<Acc, kTileRows - 1>(m - i, nvec, K, a + i * a_rs, a_rs, a_cs, b, ldb,
-                                       c + i * ldc, ldc, accumulate);
+    gemm_band_rows<Tile, kTileRows - 1>(m - i, nvec, K, a + i * a_rs, a_rs, a_cs, b, ldb,
+                                        c + i * ldc, ldc, accumulate);
   }
 }
 
@@ -158,44 +172,190 @@ inline void narrow_row(const acc_t<T>* src, int64_t n, acc_t<T> mult, T* dst) {
   for (; j < n; ++j) dst[j] = static_cast<T>(src[j] * mult);
 }
 
-// A (rows, D) tensor as Acc rows whose stride is a whole number of vectors, as gemm reads its B
-// operand: the tensor itself when it already is one, else a widened, zero-padded copy (made once
-// per call, so no block product converts or pads anything).
-template <typename T>
-struct AccRows {
-  using Acc = acc_t<T>;
-  AccRows(const T* src, int64_t rows, int64_t D) {
-    const int64_t padded = round_up(D, Vectorized<Acc>::size());
-    if constexpr (std::is_same_v<T, Acc>) {
-      if (padded == D) {
-        data = src;
-        ld = D;
-        return;
-      }
-    }
-    copy.reset(new Acc[std::max<int64_t>(rows * padded, 1)]);
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / padded), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) widen_row(src + r * D, D, padded, copy.get() + r * padded);
-    });
-    data = copy.get();
-    ld = padded;
-  }
-  const Acc* data;
-  int64_t ld;
-  std::unique_ptr<Acc[]> copy;
-};
-
-// dst (D x ld_dst) = the transpose of rows [0, n) of src (stride ld_src), zero past n: the panel
-// that a product over d reads along vector lanes.
-template <typename Acc>
-inline void pack_transposed(const Acc* src, int64_t ld_src, int64_t n, int64_t D, Acc* dst,
+// dst (K x ld_dst) = the transpose of rows [0, n) of src (stride ld_src, K words each), zero past
+// n: the panel a score product reads along vector lanes.
+template <typename Word>
+inline void pack_transposed(const Word* src, int64_t ld_src, int64_t n, int64_t K, Word* dst,
                             int64_t ld_dst) {
-  for (int64_t d = 0; d < D; ++d) {
-    Acc* out = dst + d * ld_dst;
-    for (int64_t i = 0; i < n; ++i) out[i] = src[i * ld_src + d];
-    std::fill(out + n, out + ld_dst, Acc(0));
+  for (int64_t k = 0; k < K; ++k) {
+    Word* out = dst + k * ld_dst;
+    for (int64_t i = 0; i < n; ++i) out[i] = src[i * ld_src + k];
+    std::fill(out + n, out + ld_dst, Word(0));
   }
 }
+
+// The float path: every product in Acc (float, or double for double input) on FmaTile. An input
+// is one set of Acc rows, read by score and output products alike.
+template <typename T_>
+struct FloatPath {
+  using T = T_;
+  using Acc = acc_t<T>;
+  using Tile = FmaTile<Acc>;
+  using Word = Acc;
+  static int64_t words(int64_t n) { return n; }
+
+  // A (heads, L, D) input as Acc rows whose stride is a whole number of vectors: the tensor
+  // itself when it already is one, else a widened, zero-padded copy made once per call (so no
+  // block product converts or pads anything).
+  class Input {
+   public:
+    Input(const T* src, int64_t heads, int64_t L, int64_t D, bool /*output_operand*/) : L_(L) {
+      const int64_t padded = round_up(D, Tile::kLanes);
+      if constexpr (std::is_same_v<T, Acc>) {
+        if (padded == D) {
+          data_ = src;
+          ld_ = D;
+          return;
+        }
+      }
+      const int64_t rows = heads * L;
+      copy_.reset(new Acc[std::max<int64_t>(rows * padded, 1)]);
+      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / padded), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) widen_row(src + r * D, D, padded, copy_.get() + r * padded);
+      });
+      data_ = copy_.get();
+      ld_ = padded;
+    }
+    // Row r of head `head`, as the A operand of a score product (words along D).
+    const Word* rows(int64_t head, int64_t r) const { return data_ + (head * L_ + r) * ld_; }
+    int64_t ld() const { return ld_; }
+    // Rows [r, ...) of head `head`, as the B operand of an output product (r a block start).
+    const Word* output_rows(int64_t head, int64_t r) const { return rows(head, r); }
+    int64_t output_ld() const { return ld_; }
+
+   private:
+    const Acc* data_;
+    int64_t ld_;
+    int64_t L_;
+    std::unique_ptr<Acc[]> copy_;
+  };
+
+  // A tile (k rows x ld lanes) as the A operand of an output product (transposed: A(i, r) is
+  // tile[r][i]); the float tile is read as it is.
+  static const Word* tile_operand(const Acc* tile, int64_t /*k*/, int64_t /*ld*/, Word* /*buf*/) {
+    return tile;
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The bf16 path, for bfloat16 input on CPUs with AVX512-BF16: the products run on vdpbf16ps
+// (bf16 pairs multiplied and summed into float), at twice the FMA rate of the float path. A
+// word is a pair of bf16 along the product's inner dimension. Inputs are read in place by the
+// score products (pairs along D, so D must be even); the output products read a copy packed in
+// row pairs. The probabilities and score gradients are rounded to bf16 for the output products
+// (as the GPU kernels do); the softmax itself, and every sum, stays in float.
+#define DLFAST_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+inline bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+struct Bf16DotTile {
+  using Word = uint32_t;
+  using Out = float;
+  static constexpr int64_t kLanes = 16;
+
+  template <int MR, int NV>
+  DLFAST_BF16_TARGET static void run(int64_t K, const uint32_t* a, int64_t a_rs, int64_t a_cs,
+                                     const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
+                                     bool accumulate) {
+    __m512 acc[MR][NV];
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * kLanes) : _mm512_setzero_ps();
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      __m512bh bv[NV];
+      for (int v = 0; v < NV; ++v) {
+        bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + k * ldb + v * kLanes));
+      }
+      const uint32_t* ak = a + k * a_cs;
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(ak[r * a_rs]));
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
+    }
+  }
+};
+
+// The bf16 bits of 16 floats, rounded to nearest even, in the high halves of 32-bit lanes.
+inline __m512i bf16_high_bits(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
+struct Bf16Path {
+  using T = c10::BFloat16;
+  using Acc = float;
+  using Tile = Bf16DotTile;
+  using Word = uint32_t;
+  static int64_t words(int64_t n) { return (n + 1) / 2; }
+
+  class Input {
+   public:
+    Input(const T* src, int64_t heads, int64_t L, int64_t D, bool output_operand)
+        : data_(reinterpret_cast<const uint32_t*>(src)), L_(L), D_(D),
+          pairs_ld_(round_up(D, Tile::kLanes)) {
+      if (!output_operand) return;
+      // Word (p, d) of a head = rows 2p and 2p + 1 at column d; zero past D and past an odd L.
+      const int64_t pairs = (L + 1) / 2;
+      pairs_.reset(new uint32_t[std::max<int64_t>(heads * pairs * pairs_ld_, 1)]);
+      const auto* x = reinterpret_cast<const uint16_t*>(src);
+      at::parallel_for(0, heads * pairs, std::max<int64_t>(1, 8192 / pairs_ld_), [&](int64_t b, int64_t e) {
+        for (int64_t hp = b; hp < e; ++hp) {
+          const int64_t h = hp / pairs, r = 2 * (hp % pairs);
+          pack_row_pair(x + (h * L + r) * D, r + 1 < L ? x + (h * L + r + 1) * D : nullptr,
+                        pairs_.get() + hp * pairs_ld_);
+        }
+      });
+    }
+    const Word* rows(int64_t head, int64_t r) const { return data_ + (head * L_ + r) * (D_ / 2); }
+    int64_t ld() const { return D_ / 2; }
+    const Word* output_rows(int64_t head, int64_t r) const {
+      return pairs_.get() + (head * ((L_ + 1) / 2) + r / 2) * pairs_ld_;
+    }
+    int64_t output_ld() const { return pairs_ld_; }
+
+   private:
+    void pack_row_pair(const uint16_t* lo, const uint16_t* hi, uint32_t* out) const {
+      for (int64_t d = 0; d < pairs_ld_; d += 16) {
+        const __mmask16 m = d + 16 <= D_ ? __mmask16(0xFFFF)
+                                         : static_cast<__mmask16>((1u << std::max<int64_t>(D_ - d, 0)) - 1);
+        const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + d));
+        const __m512i h = hi ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + d))
+                             : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + d, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+      }
+    }
+    const uint32_t* data_;
+    int64_t L_, D_, pairs_ld_;
+    std::unique_ptr<uint32_t[]> pairs_;
+  };
+
+  // Word (p, i) = tile rows 2p and 2p + 1 at lane i, rounded to bf16 (zero for the missing row
+  // of an odd k).
+  static const Word* tile_operand(const float* tile, int64_t k, int64_t ld, Word* buf) {
+    for (int64_t p = 0; p < words(k); ++p) {
+      const float* lo = tile + 2 * p * ld;
+      const bool has_hi = 2 * p + 1 < k;
+      for (int64_t i = 0; i < ld; i += 16) {
+        const __m512i l = _mm512_srli_epi32(bf16_high_bits(_mm512_loadu_ps(lo + i)), 16);
+        const __m512i h = has_hi ? bf16_high_bits(_mm512_loadu_ps(lo + ld + i)) : _mm512_setzero_si512();
+        _mm512_storeu_si512(buf + p * ld + i, _mm512_or_si512(l, h));
+      }
+    }
+    return buf;
+  }
+};
+#endif
 
 // The shape and options of one attention call.
 struct AttnProblem {
@@ -224,6 +384,11 @@ struct AttnProblem {
   bool causal_cut(int64_t q0, int64_t k0, int64_t bk) const {
     return causal && k0 + bk - 1 > q0 + shift;
   }
+  // In a key-major tile row (key `key` against queries q0 + lane), how many leading lanes the
+  // causal diagonal bars from that key.
+  int64_t barred_lanes(int64_t key, int64_t q0, int64_t lanes) const {
+    return std::clamp<int64_t>(key - shift - q0, 0, lanes);
+  }
   // How many keys of [k0, k0 + bk) batch row b lets queries see.
   int64_t allowed_keys(int64_t b, int64_t k0, int64_t bk) const {
     if (mask == nullptr) return bk;
@@ -237,7 +402,8 @@ struct AttnProblem {
 inline int64_t balanced_block(int64_t t, int64_t n) { return t % 2 == 0 ? t / 2 : n - 1 - t / 2; }
 
 // out[c] = keep_value where probability (query, key) of head bh survives dropout, else 0, for
-// c in [0, n): keys key0 + c of one query when kAlongKeys, else queries key0 + c of one key.
+// c in [0, n): keys first + c of query `fixed` when kAlongKeys, else queries first + c of key
+// `fixed`.
 template <bool kAlongKeys, typename Acc>
 inline void dropout_row(const AttnProblem& p, int64_t bh, int64_t fixed, int64_t first, int64_t n,
                         Acc keep_value, Acc* out) {
@@ -257,29 +423,25 @@ inline Vectorized<Acc> vexp(const Vectorized<Acc>& x) {
   return x.exp_u20();
 }
 
-// In a key-major tile row (the scores of key `key` against queries q0 + lane), the lanes of the
-// queries that the causal diagonal bars from that key.
-inline int64_t causal_barred_lanes(const AttnProblem& p, int64_t key, int64_t q0, int64_t lanes) {
-  return std::clamp<int64_t>(key - p.shift - q0, 0, lanes);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward: one task per (batch, head, query block). Each key block gives a key-major score tile
 // s (bk x BQ) = k_blk q_blk^T; the running max and sum of every query are vectors across lanes.
 
-template <typename T>
-void attention_fwd_typed(const AttentionFwdArgs& args) {
-  using Acc = acc_t<T>;
+template <typename Path>
+void attention_fwd_path(const AttentionFwdArgs& args) {
+  using T = typename Path::T;
+  using Acc = typename Path::Acc;
+  using Word = typename Path::Word;
   using Vec = Vectorized<Acc>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK, QV = BQ / V;
-  static_assert(BQ % V == 0, "a query block is whole vectors");
+  static_assert(BQ % V == 0 && BQ % Path::Tile::kLanes == 0, "a query block is whole vectors");
   const AttnProblem p(args.params);
-  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk;
-  const AccRows<T> k(static_cast<const T*>(args.k), p.B * p.Hkv * Lk, D);
-  const AccRows<T> v(static_cast<const T*>(args.v), p.B * p.Hkv * Lk, D);
-  const int64_t Dp = round_up(D, V);
-  const T* q = static_cast<const T*>(args.q);
+  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Path::Tile::kLanes);
+  const int64_t kw = Path::words(D);
+  const typename Path::Input q(static_cast<const T*>(args.q), p.B * p.H, Lq, D, false);
+  const typename Path::Input k(static_cast<const T*>(args.k), p.B * p.Hkv, Lk, D, false);
+  const typename Path::Input v(static_cast<const T*>(args.v), p.B * p.Hkv, Lk, D, true);
   T* out = static_cast<T*>(args.out);
   Acc* lse = static_cast<Acc*>(args.lse);
   const int64_t nqb = (Lq + BQ - 1) / BQ;
@@ -287,25 +449,21 @@ void attention_fwd_typed(const AttentionFwdArgs& args) {
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
 
   at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<Acc[]> scratch(new Acc[Dp + D * BQ + BK * BQ + BQ * Dp + 4 * BQ]);
-    Acc* q_row = scratch.get();       // one widened query row (Dp)
-    Acc* qt = q_row + Dp;             // q block transposed (D x BQ)
-    Acc* s = qt + D * BQ;             // scores, then probabilities (bk x BQ)
-    Acc* o = s + BK * BQ;             // unnormalised output (BQ x Dp)
-    Acc* alpha = o + BQ * Dp;         // per-query rescale of o (BQ)
-    Acc* keep = alpha + BQ;           // dropout multipliers of one key (BQ)
-    Acc* m_out = keep + BQ;           // final running max (BQ)
-    Acc* l_out = m_out + BQ;          // final running sum (BQ)
+    std::unique_ptr<Acc[]> scratch(new Acc[BK * BQ + BQ * Dp + 4 * BQ]);
+    Acc* s = scratch.get();        // scores, then probabilities (bk x BQ)
+    Acc* o = s + BK * BQ;          // unnormalised output (BQ x Dp)
+    Acc* alpha = o + BQ * Dp;      // per-query rescale of o (BQ)
+    Acc* keep = alpha + BQ;        // dropout multipliers of one key (BQ)
+    Acc* m_out = keep + BQ;        // final running max (BQ)
+    Acc* l_out = m_out + BQ;       // final running sum (BQ)
+    std::unique_ptr<Word[]> words(new Word[kw * BQ + BK * BQ]);
+    Word* qt = words.get();        // q block transposed (kw x BQ)
+    Word* p_op = qt + kw * BQ;     // probabilities as an output-product operand
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, b = bh / p.H, h = bh % p.H;
       const int64_t q0 = balanced_block(t % nqb, nqb) * BQ, bq = std::min(BQ, Lq - q0);
-      const int64_t kv_off = (b * p.Hkv + h / p.group) * Lk;
-      const T* q_blk = q + (bh * Lq + q0) * D;
-      for (int64_t i = 0; i < bq; ++i) {
-        widen_row(q_blk + i * D, D, D, q_row);
-        for (int64_t d = 0; d < D; ++d) qt[d * BQ + i] = q_row[d];
-      }
-      for (int64_t d = 0; d < D; ++d) std::fill(qt + d * BQ + bq, qt + (d + 1) * BQ, Acc(0));
+      const int64_t kvh = b * p.Hkv + h / p.group;
+      pack_transposed(q.rows(bh, q0), q.ld(), bq, kw, qt, BQ);
       std::fill(o, o + BQ * Dp, Acc(0));
       Vec m[QV], l[QV];
       for (int64_t c = 0; c < QV; ++c) {
@@ -317,7 +475,7 @@ void attention_fwd_typed(const AttentionFwdArgs& args) {
         const int64_t bk = std::min(BK, k_end - k0);
         const int64_t allowed = p.allowed_keys(b, k0, bk);
         if (allowed == 0) continue;
-        gemm(bk, BQ, D, k.data + (kv_off + k0) * k.ld, k.ld, int64_t(1), qt, BQ, s, BQ, false);
+        gemm<typename Path::Tile>(bk, BQ, kw, k.rows(kvh, k0), k.ld(), 1, qt, BQ, s, BQ, false);
         const bool cut = p.causal_cut(q0, k0, bk);
         Vec block_max[QV];
         for (int64_t c = 0; c < QV; ++c) block_max[c] = Vec(neg_inf);
@@ -328,7 +486,7 @@ void attention_fwd_typed(const AttentionFwdArgs& args) {
             continue;
           }
           for (int64_t c = 0; c < QV; ++c) (Vec::loadu(row + c * V) * Vec(scale)).store(row + c * V);
-          if (cut) std::fill(row, row + causal_barred_lanes(p, k0 + j, q0, BQ), neg_inf);
+          if (cut) std::fill(row, row + p.barred_lanes(k0 + j, q0, BQ), neg_inf);
           for (int64_t c = 0; c < QV; ++c) {
             block_max[c] = at::vec::maximum(block_max[c], Vec::loadu(row + c * V));
           }
@@ -370,7 +528,8 @@ void attention_fwd_typed(const AttentionFwdArgs& args) {
             for (int64_t d = 0; d < Dp; d += V) (Vec::loadu(orow + d) * Vec(alpha[i])).store(orow + d);
           }
         }
-        gemm(bq, D, bk, s, int64_t(1), BQ, v.data + (kv_off + k0) * v.ld, v.ld, o, Dp, true);
+        gemm<typename Path::Tile>(bq, D, Path::words(bk), Path::tile_operand(s, bk, BQ, p_op), 1,
+                                  BQ, v.output_rows(kvh, k0), v.output_ld(), o, Dp, true);
       }
       for (int64_t c = 0; c < QV; ++c) {
         m[c].store(m_out + c * V);
@@ -398,84 +557,97 @@ void attention_fwd_typed(const AttentionFwdArgs& args) {
 // Both recompute p = exp(scale s - lse) and dp = dout v^T. The `deterministic` flag is therefore
 // ignored: this backward is always bitwise repeatable, whatever the thread count.
 
-template <typename T>
+template <typename Path>
 struct AttnBwdInputs {
-  using Acc = acc_t<T>;
+  using T = typename Path::T;
+  using Acc = typename Path::Acc;
   AttnBwdInputs(const AttentionBwdArgs& args, const AttnProblem& p)
-      : q(static_cast<const T*>(args.q), p.B * p.H * p.Lq, p.D),
-        dout(static_cast<const T*>(args.dout), p.B * p.H * p.Lq, p.D),
-        k(static_cast<const T*>(args.k), p.B * p.Hkv * p.Lk, p.D),
-        v(static_cast<const T*>(args.v), p.B * p.Hkv * p.Lk, p.D),
+      : q(static_cast<const T*>(args.q), p.B * p.H, p.Lq, p.D, true),
+        dout(static_cast<const T*>(args.dout), p.B * p.H, p.Lq, p.D, true),
+        k(static_cast<const T*>(args.k), p.B * p.Hkv, p.Lk, p.D, true),
+        v(static_cast<const T*>(args.v), p.B * p.Hkv, p.Lk, p.D, false),
         lse(static_cast<const Acc*>(args.lse)),
         delta(new Acc[std::max<int64_t>(p.B * p.H * p.Lq, 1)]) {
     // delta_i = rowsum(dout_i * out_i), the softmax backward's correction term.
     const T* o = static_cast<const T*>(args.out);
     const T* dy = static_cast<const T*>(args.dout);
     const int64_t D = p.D;
+    using IO = RowIO<T>;
     at::parallel_for(0, p.B * p.H * p.Lq, std::max<int64_t>(1, 16384 / D), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        Acc acc = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          acc += static_cast<Acc>(o[r * D + d]) * static_cast<Acc>(dy[r * D + d]);
+        const T* orow = o + r * D;
+        const T* dyrow = dy + r * D;
+        typename IO::Vec acc(Acc(0));
+        int64_t d = 0;
+        for (; d + IO::kStep <= D; d += IO::kStep) {
+          typename IO::Vec x[IO::kVecs], y[IO::kVecs];
+          IO::load(orow + d, x);
+          IO::load(dyrow + d, y);
+          for (int s = 0; s < IO::kVecs; ++s) acc = at::vec::fmadd(x[s], y[s], acc);
         }
-        delta[r] = acc;
+        Acc sum = at::vec::vec_reduce_all<Acc>([](auto& u, auto& w) { return u + w; }, acc);
+        for (; d < D; ++d) sum += static_cast<Acc>(orow[d]) * static_cast<Acc>(dyrow[d]);
+        delta[r] = sum;
       }
     });
   }
-  AccRows<T> q, dout, k, v;
+  typename Path::Input q, dout, k, v;
   const Acc* lse;
   std::unique_ptr<Acc[]> delta;
 };
 
 // dk, dv: key block [k0, k0 + bk) of one kv head, in query-major tiles s (bq x BK) = q_blk k_blk^T.
-template <typename T>
+template <typename Path>
 void attention_bwd_dkdv(const AttentionBwdArgs& args, const AttnProblem& p,
-                        const AttnBwdInputs<T>& in) {
-  using Acc = acc_t<T>;
+                        const AttnBwdInputs<Path>& in) {
+  using T = typename Path::T;
+  using Acc = typename Path::Acc;
+  using Word = typename Path::Word;
+  using Tile = typename Path::Tile;
   using Vec = Vectorized<Acc>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK;
-  static_assert(BK % V == 0, "a key block is whole vectors");
-  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, V);
-  const int64_t nkb = (Lk + BK - 1) / BK;
+  static_assert(BK % V == 0 && BK % Tile::kLanes == 0, "a key block is whole vectors");
+  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
+  const int64_t kw = Path::words(D), nkb = (Lk + BK - 1) / BK;
   const Acc scale = static_cast<Acc>(p.scale), keep_scale = static_cast<Acc>(p.keep_scale);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   T* dk = static_cast<T*>(args.dk);
   T* dv = static_cast<T*>(args.dv);
 
   at::parallel_for(0, p.B * p.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<Acc[]> scratch(new Acc[2 * D * BK + 2 * BQ * BK + 2 * BK * Dp + 2 * BK]);
-    Acc* kt = scratch.get();        // k block transposed (D x BK)
-    Acc* vt = kt + D * BK;          // v block transposed (D x BK)
-    Acc* pr = vt + D * BK;          // probabilities, after dropout (bq x BK)
+    std::unique_ptr<Acc[]> scratch(new Acc[2 * BQ * BK + 2 * BK * Dp + 2 * BK]);
+    Acc* pr = scratch.get();        // probabilities, after dropout (bq x BK)
     Acc* ds = pr + BQ * BK;         // dp, then ds (bq x BK)
     Acc* dk_acc = ds + BQ * BK;     // (bk x Dp)
     Acc* dv_acc = dk_acc + BK * Dp; // (bk x Dp)
     Acc* bias = dv_acc + BK * Dp;   // 0 for an allowed key, -inf for a padded one (BK)
     Acc* keep = bias + BK;          // dropout multipliers of one query (BK)
+    std::unique_ptr<Word[]> words(new Word[2 * kw * BK + 2 * BQ * BK]);
+    Word* kt = words.get();         // k block transposed (kw x BK)
+    Word* vt = kt + kw * BK;        // v block transposed (kw x BK)
+    Word* p_op = vt + kw * BK;      // pr as an output-product operand
+    Word* ds_op = p_op + BQ * BK;   // ds as an output-product operand
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bkv = t / nkb, b = bkv / p.Hkv;
+      const int64_t kvh = t / nkb, b = kvh / p.Hkv;
       const int64_t k0 = balanced_block(t % nkb, nkb) * BK, bk = std::min(BK, Lk - k0);
-      const int64_t kv_row = bkv * Lk + k0;
       std::fill(dk_acc, dk_acc + bk * Dp, Acc(0));
       std::fill(dv_acc, dv_acc + bk * Dp, Acc(0));
       const int64_t allowed = p.allowed_keys(b, k0, bk);
       // Queries [q_first, Lq) see some key of the block.
       const int64_t q_first = p.causal ? std::clamp<int64_t>(k0 - p.shift, 0, Lq) : 0;
       if (allowed > 0 && q_first < Lq) {
-        pack_transposed(in.k.data + kv_row * in.k.ld, in.k.ld, bk, D, kt, BK);
-        pack_transposed(in.v.data + kv_row * in.v.ld, in.v.ld, bk, D, vt, BK);
+        pack_transposed(in.k.rows(kvh, k0), in.k.ld(), bk, kw, kt, BK);
+        pack_transposed(in.v.rows(kvh, k0), in.v.ld(), bk, kw, vt, BK);
         for (int64_t j = 0; j < BK; ++j) {
           bias[j] = j < bk && (allowed == bk || p.mask[b * Lk + k0 + j]) ? Acc(0) : neg_inf;
         }
         for (int64_t g = 0; g < p.group; ++g) {
-          const int64_t bh = (bkv / p.Hkv) * p.H + (bkv % p.Hkv) * p.group + g;
+          const int64_t bh = b * p.H + (kvh % p.Hkv) * p.group + g;
           for (int64_t q0 = q_first / BQ * BQ; q0 < Lq; q0 += BQ) {
             const int64_t bq = std::min(BQ, Lq - q0), q_row = bh * Lq + q0;
-            const Acc* q_blk = in.q.data + q_row * in.q.ld;
-            const Acc* dout_blk = in.dout.data + q_row * in.dout.ld;
-            gemm(bq, BK, D, q_blk, in.q.ld, int64_t(1), kt, BK, pr, BK, false);
-            gemm(bq, BK, D, dout_blk, in.dout.ld, int64_t(1), vt, BK, ds, BK, false);
+            gemm<Tile>(bq, BK, kw, in.q.rows(bh, q0), in.q.ld(), 1, kt, BK, pr, BK, false);
+            gemm<Tile>(bq, BK, kw, in.dout.rows(bh, q0), in.dout.ld(), 1, vt, BK, ds, BK, false);
             const bool cut = p.causal_cut(q0, k0, bk);
             for (int64_t i = 0; i < bq; ++i) {
               Acc* prow = pr + i * BK;
@@ -504,49 +676,57 @@ void attention_bwd_dkdv(const AttentionBwdArgs& args, const AttnProblem& p,
                 dropped.store(prow + c);
               }
             }
-            gemm(bk, D, bq, pr, int64_t(1), BK, dout_blk, in.dout.ld, dv_acc, Dp, true);
-            gemm(bk, D, bq, ds, int64_t(1), BK, q_blk, in.q.ld, dk_acc, Dp, true);
+            const int64_t qw = Path::words(bq);
+            gemm<Tile>(bk, D, qw, Path::tile_operand(pr, bq, BK, p_op), 1, BK,
+                       in.dout.output_rows(bh, q0), in.dout.output_ld(), dv_acc, Dp, true);
+            gemm<Tile>(bk, D, qw, Path::tile_operand(ds, bq, BK, ds_op), 1, BK,
+                       in.q.output_rows(bh, q0), in.q.output_ld(), dk_acc, Dp, true);
           }
         }
       }
       for (int64_t j = 0; j < bk; ++j) {
-        narrow_row(dk_acc + j * Dp, D, scale, dk + (kv_row + j) * D);
-        narrow_row(dv_acc + j * Dp, D, Acc(1), dv + (kv_row + j) * D);
+        narrow_row(dk_acc + j * Dp, D, scale, dk + (kvh * Lk + k0 + j) * D);
+        narrow_row(dv_acc + j * Dp, D, Acc(1), dv + (kvh * Lk + k0 + j) * D);
       }
     }
   });
 }
 
 // dq: query block [q0, q0 + bq) of one head, in key-major tiles s (bk x BQ) = k_blk q_blk^T.
-template <typename T>
+template <typename Path>
 void attention_bwd_dq(const AttentionBwdArgs& args, const AttnProblem& p,
-                      const AttnBwdInputs<T>& in) {
-  using Acc = acc_t<T>;
+                      const AttnBwdInputs<Path>& in) {
+  using T = typename Path::T;
+  using Acc = typename Path::Acc;
+  using Word = typename Path::Word;
+  using Tile = typename Path::Tile;
   using Vec = Vectorized<Acc>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK;
-  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, V);
-  const int64_t nqb = (Lq + BQ - 1) / BQ;
+  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
+  const int64_t kw = Path::words(D), nqb = (Lq + BQ - 1) / BQ;
   const Acc scale = static_cast<Acc>(p.scale), keep_scale = static_cast<Acc>(p.keep_scale);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   T* dq = static_cast<T*>(args.dq);
 
   at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<Acc[]> scratch(new Acc[2 * D * BQ + 2 * BK * BQ + BQ * Dp + 3 * BQ]);
-    Acc* qt = scratch.get();         // q block transposed (D x BQ)
-    Acc* dot = qt + D * BQ;          // dout block transposed (D x BQ)
-    Acc* st = dot + D * BQ;          // scores (bk x BQ)
+    std::unique_ptr<Acc[]> scratch(new Acc[2 * BK * BQ + BQ * Dp + 3 * BQ]);
+    Acc* st = scratch.get();         // scores (bk x BQ)
     Acc* ds = st + BK * BQ;          // dp, then ds (bk x BQ)
     Acc* dq_acc = ds + BK * BQ;      // (BQ x Dp)
     Acc* lse = dq_acc + BQ * Dp;     // lse of the block's queries, +inf past its end (BQ)
     Acc* delta = lse + BQ;           // (BQ)
     Acc* keep = delta + BQ;          // dropout multipliers of one key (BQ)
+    std::unique_ptr<Word[]> words(new Word[2 * kw * BQ + BK * BQ]);
+    Word* qt = words.get();          // q block transposed (kw x BQ)
+    Word* dot = qt + kw * BQ;        // dout block transposed (kw x BQ)
+    Word* ds_op = dot + kw * BQ;     // ds as an output-product operand
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, b = bh / p.H, h = bh % p.H;
       const int64_t q0 = balanced_block(t % nqb, nqb) * BQ, bq = std::min(BQ, Lq - q0);
-      const int64_t q_row = bh * Lq + q0, kv_off = (b * p.Hkv + h / p.group) * Lk;
-      pack_transposed(in.q.data + q_row * in.q.ld, in.q.ld, bq, D, qt, BQ);
-      pack_transposed(in.dout.data + q_row * in.dout.ld, in.dout.ld, bq, D, dot, BQ);
+      const int64_t q_row = bh * Lq + q0, kvh = b * p.Hkv + h / p.group;
+      pack_transposed(in.q.rows(bh, q0), in.q.ld(), bq, kw, qt, BQ);
+      pack_transposed(in.dout.rows(bh, q0), in.dout.ld(), bq, kw, dot, BQ);
       for (int64_t i = 0; i < BQ; ++i) {
         lse[i] = i < bq ? in.lse[q_row + i] : std::numeric_limits<Acc>::infinity();
         delta[i] = i < bq ? in.delta[q_row + i] : Acc(0);
@@ -557,10 +737,8 @@ void attention_bwd_dq(const AttentionBwdArgs& args, const AttnProblem& p,
         const int64_t bk = std::min(BK, k_end - k0);
         const int64_t allowed = p.allowed_keys(b, k0, bk);
         if (allowed == 0) continue;
-        const Acc* k_blk = in.k.data + (kv_off + k0) * in.k.ld;
-        const Acc* v_blk = in.v.data + (kv_off + k0) * in.v.ld;
-        gemm(bk, BQ, D, k_blk, in.k.ld, int64_t(1), qt, BQ, st, BQ, false);
-        gemm(bk, BQ, D, v_blk, in.v.ld, int64_t(1), dot, BQ, ds, BQ, false);
+        gemm<Tile>(bk, BQ, kw, in.k.rows(kvh, k0), in.k.ld(), 1, qt, BQ, st, BQ, false);
+        gemm<Tile>(bk, BQ, kw, in.v.rows(kvh, k0), in.v.ld(), 1, dot, BQ, ds, BQ, false);
         const bool cut = p.causal_cut(q0, k0, bk);
         for (int64_t j = 0; j < bk; ++j) {
           Acc* srow = st + j * BQ;
@@ -570,7 +748,7 @@ void attention_bwd_dq(const AttentionBwdArgs& args, const AttnProblem& p,
             continue;
           }
           for (int64_t c = 0; c < BQ; c += V) (Vec::loadu(srow + c) * Vec(scale)).store(srow + c);
-          if (cut) std::fill(srow, srow + causal_barred_lanes(p, k0 + j, q0, BQ), neg_inf);
+          if (cut) std::fill(srow, srow + p.barred_lanes(k0 + j, q0, BQ), neg_inf);
           if (p.dropout) dropout_row<false>(p, bh, k0 + j, q0, BQ, keep_scale, keep);
           for (int64_t c = 0; c < BQ; c += V) {
             const Vec prob = vexp(Vec::loadu(srow + c) - Vec::loadu(lse + c));
@@ -579,28 +757,48 @@ void attention_bwd_dq(const AttentionBwdArgs& args, const AttnProblem& p,
             (prob * (dp - Vec::loadu(delta + c))).store(dsrow + c);
           }
         }
-        gemm(bq, D, bk, ds, int64_t(1), BQ, k_blk, in.k.ld, dq_acc, Dp, true);
+        gemm<Tile>(bq, D, Path::words(bk), Path::tile_operand(ds, bk, BQ, ds_op), 1, BQ,
+                   in.k.output_rows(kvh, k0), in.k.output_ld(), dq_acc, Dp, true);
       }
       for (int64_t i = 0; i < bq; ++i) narrow_row(dq_acc + i * Dp, D, scale, dq + (q_row + i) * D);
     }
   });
 }
 
-template <typename T>
-void attention_bwd_typed(const AttentionBwdArgs& args) {
+template <typename Path>
+void attention_bwd_path(const AttentionBwdArgs& args) {
   const AttnProblem p(args.params);
-  const AttnBwdInputs<T> in(args, p);
-  attention_bwd_dkdv<T>(args, p, in);
-  attention_bwd_dq<T>(args, p, in);
+  const AttnBwdInputs<Path> in(args, p);
+  attention_bwd_dkdv<Path>(args, p, in);
+  attention_bwd_dq<Path>(args, p, in);
 }
 
+// Runs Kernel on the bf16 path where it applies, else on the float path.
+template <template <typename> class Kernel, typename T, typename Args>
+void run_on_best_path(const Args& args) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (args.params.D % 2 == 0 && cpu_has_bf16_dot()) return Kernel<Bf16Path>::run(args);
+  }
+#endif
+  Kernel<FloatPath<T>>::run(args);
+}
+
+template <typename Path>
+struct AttentionFwdOnPath {
+  static void run(const AttentionFwdArgs& args) { attention_fwd_path<Path>(args); }
+};
+template <typename Path>
+struct AttentionBwdOnPath {
+  static void run(const AttentionBwdArgs& args) { attention_bwd_path<Path>(args); }
+};
 template <typename T>
 struct AttentionFwd {
-  static void run(const AttentionFwdArgs& args) { attention_fwd_typed<T>(args); }
+  static void run(const AttentionFwdArgs& args) { run_on_best_path<AttentionFwdOnPath, T>(args); }
 };
 template <typename T>
 struct AttentionBwd {
-  static void run(const AttentionBwdArgs& args) { attention_bwd_typed<T>(args); }
+  static void run(const AttentionBwdArgs& args) { run_on_best_path<AttentionBwdOnPath, T>(args); }
 };
 
 void attention_fwd(const AttentionFwdArgs& args) { dispatch_float_types<AttentionFwd>(args); }
