@@ -38,6 +38,8 @@ namespace CPU_CAPABILITY {
 // accumulator) stay in L1/L2 for the head dims the models use.
 constexpr int64_t kAttnBlockQ = 64;
 constexpr int64_t kAttnBlockK = 128;
+// The largest per-thread dq accumulator (floats) of the fused backward pass.
+constexpr int64_t kMaxFusedDqFloats = int64_t(1) << 22;
 
 // Micro-kernel tile: kTileRows rows x kTileVecs vectors of accumulators, sized to the register
 // file (32 vector registers with AVX-512, 16 otherwise) less the B row and the broadcast A value.
@@ -235,6 +237,11 @@ struct FloatPath {
   static const Word* tile_operand(const Acc* tile, int64_t /*k*/, int64_t /*ld*/, Word* /*buf*/) {
     return tile;
   }
+  // A tile (rows x ld lanes) as the A operand of an output product read along its rows: A(i, w)
+  // is word w of row i, rows words(ld) apart.
+  static const Word* row_operand(const Acc* tile, int64_t /*rows*/, int64_t /*ld*/, Word* /*buf*/) {
+    return tile;
+  }
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -354,6 +361,15 @@ struct Bf16Path {
     }
     return buf;
   }
+  // Word (i, w) = lanes 2w and 2w + 1 of tile row i, rounded to bf16 as tile_operand rounds them.
+  static const Word* row_operand(const float* tile, int64_t rows, int64_t ld, Word* buf) {
+    auto* out = reinterpret_cast<uint16_t*>(buf);
+    for (int64_t i = 0; i < rows * ld; i += 16) {
+      const __m512i bits = _mm512_srli_epi32(bf16_high_bits(_mm512_loadu_ps(tile + i)), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(bits));
+    }
+    return buf;
+  }
 };
 #endif
 
@@ -421,6 +437,26 @@ inline Vectorized<Acc> vexp(const Vectorized<Acc>& x) {
   // The polynomial exp (about 20 ulp) costs a fraction of Sleef's; the softmax sums it feeds are
   // rounded far more coarsely than that.
   return x.exp_u20();
+}
+
+// For one vector of scaled scores x: returns ds = p * (dp * keep - delta) with p = exp(x - lse),
+// and sets *dropped to p * keep when asked; keep (1 / (1 - dropout_p), or 0 for a dropped
+// probability) is nullptr without dropout. Both backward schemes call this on values read from
+// memory, and its multiply-add is spelled out, so they round identically whatever contractions
+// the compiler makes elsewhere.
+template <typename Acc>
+inline Vectorized<Acc> softmax_grad(const Vectorized<Acc>& x, const Vectorized<Acc>& lse,
+                                    const Vectorized<Acc>& dp, const Vectorized<Acc>& delta,
+                                    const Acc* keep, Vectorized<Acc>* dropped) {
+  using Vec = Vectorized<Acc>;
+  const Vec prob = vexp(x - lse);
+  if (keep == nullptr) {
+    if (dropped) *dropped = prob;
+    return prob * (dp - delta);
+  }
+  const Vec kv = Vec::loadu(keep);
+  if (dropped) *dropped = prob * kv;
+  return prob * at::vec::fmsub(dp, kv, delta);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,10 +632,14 @@ struct AttnBwdInputs {
   std::unique_ptr<Acc[]> delta;
 };
 
-// dk, dv: key block [k0, k0 + bk) of one kv head, in query-major tiles s (bq x BK) = q_blk k_blk^T.
+// dk, dv (and with fused_dq, dq): key blocks of one kv head, in query-major tiles
+// s (bq x BK) = q_blk k_blk^T. Without fused_dq a task is one key block; with it a task is a whole
+// kv head, whose key blocks run in ascending order so that each dq row sums its key blocks in
+// the order attention_bwd_dq does, with the same fused multiply-adds on the same values: the
+// two schemes give the same bits, so which one runs may depend on the thread count.
 template <typename Path>
-void attention_bwd_dkdv(const AttentionBwdArgs& args, const AttnProblem& p,
-                        const AttnBwdInputs<Path>& in) {
+void attention_bwd_kv(const AttentionBwdArgs& args, const AttnProblem& p,
+                      const AttnBwdInputs<Path>& in, bool fused_dq) {
   using T = typename Path::T;
   using Acc = typename Path::Acc;
   using Word = typename Path::Word;
@@ -610,83 +650,96 @@ void attention_bwd_dkdv(const AttentionBwdArgs& args, const AttnProblem& p,
   static_assert(BK % V == 0 && BK % Tile::kLanes == 0, "a key block is whole vectors");
   const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
   const int64_t kw = Path::words(D), nkb = (Lk + BK - 1) / BK;
+  const int64_t blocks_per_task = fused_dq ? nkb : 1;
+  const int64_t dq_size = fused_dq ? p.group * Lq * Dp : 0;
   const Acc scale = static_cast<Acc>(p.scale), keep_scale = static_cast<Acc>(p.keep_scale);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  T* dq = static_cast<T*>(args.dq);
   T* dk = static_cast<T*>(args.dk);
   T* dv = static_cast<T*>(args.dv);
 
-  at::parallel_for(0, p.B * p.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<Acc[]> scratch(new Acc[2 * BQ * BK + 2 * BK * Dp + 2 * BK]);
+  at::parallel_for(0, p.B * p.Hkv * nkb / blocks_per_task, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<Acc[]> scratch(new Acc[2 * BQ * BK + 2 * BK * Dp + 2 * BK + dq_size]);
     Acc* pr = scratch.get();        // probabilities, after dropout (bq x BK)
     Acc* ds = pr + BQ * BK;         // dp, then ds (bq x BK)
     Acc* dk_acc = ds + BQ * BK;     // (bk x Dp)
     Acc* dv_acc = dk_acc + BK * Dp; // (bk x Dp)
     Acc* bias = dv_acc + BK * Dp;   // 0 for an allowed key, -inf for a padded one (BK)
     Acc* keep = bias + BK;          // dropout multipliers of one query (BK)
-    std::unique_ptr<Word[]> words(new Word[2 * kw * BK + 2 * BQ * BK]);
+    Acc* dq_acc = keep + BK;        // with fused_dq: dq of the group's heads (group x Lq x Dp)
+    std::unique_ptr<Word[]> words(new Word[2 * kw * BK + 3 * BQ * BK]);
     Word* kt = words.get();         // k block transposed (kw x BK)
     Word* vt = kt + kw * BK;        // v block transposed (kw x BK)
     Word* p_op = vt + kw * BK;      // pr as an output-product operand
     Word* ds_op = p_op + BQ * BK;   // ds as an output-product operand
+    Word* ds_rows = ds_op + BQ * BK; // ds as the A operand of the dq product
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t kvh = t / nkb, b = kvh / p.Hkv;
-      const int64_t k0 = balanced_block(t % nkb, nkb) * BK, bk = std::min(BK, Lk - k0);
-      std::fill(dk_acc, dk_acc + bk * Dp, Acc(0));
-      std::fill(dv_acc, dv_acc + bk * Dp, Acc(0));
-      const int64_t allowed = p.allowed_keys(b, k0, bk);
-      // Queries [q_first, Lq) see some key of the block.
-      const int64_t q_first = p.causal ? std::clamp<int64_t>(k0 - p.shift, 0, Lq) : 0;
-      if (allowed > 0 && q_first < Lq) {
-        pack_transposed(in.k.rows(kvh, k0), in.k.ld(), bk, kw, kt, BK);
-        pack_transposed(in.v.rows(kvh, k0), in.v.ld(), bk, kw, vt, BK);
-        for (int64_t j = 0; j < BK; ++j) {
-          bias[j] = j < bk && (allowed == bk || p.mask[b * Lk + k0 + j]) ? Acc(0) : neg_inf;
-        }
-        for (int64_t g = 0; g < p.group; ++g) {
-          const int64_t bh = b * p.H + (kvh % p.Hkv) * p.group + g;
-          for (int64_t q0 = q_first / BQ * BQ; q0 < Lq; q0 += BQ) {
-            const int64_t bq = std::min(BQ, Lq - q0), q_row = bh * Lq + q0;
-            gemm<Tile>(bq, BK, kw, in.q.rows(bh, q0), in.q.ld(), 1, kt, BK, pr, BK, false);
-            gemm<Tile>(bq, BK, kw, in.dout.rows(bh, q0), in.dout.ld(), 1, vt, BK, ds, BK, false);
-            const bool cut = p.causal_cut(q0, k0, bk);
-            for (int64_t i = 0; i < bq; ++i) {
-              Acc* prow = pr + i * BK;
-              Acc* dsrow = ds + i * BK;
-              const Vec lse_i(in.lse[q_row + i]), delta_i(in.delta[q_row + i]);
-              for (int64_t c = 0; c < BK; c += V) {
-                const Vec sc = Vec::loadu(prow + c) * Vec(scale) + Vec::loadu(bias + c);
-                sc.store(prow + c);
-              }
-              if (cut) {
-                // Keys past q0 + i + shift are barred from query q0 + i.
-                const int64_t open = std::clamp<int64_t>(q0 + i + p.shift - k0 + 1, 0, BK);
-                std::fill(prow + open, prow + BK, neg_inf);
-              }
-              if (p.dropout) dropout_row<true>(p, bh, q0 + i, k0, BK, keep_scale, keep);
-              for (int64_t c = 0; c < BK; c += V) {
-                const Vec prob = vexp(Vec::loadu(prow + c) - lse_i);
-                Vec dp = Vec::loadu(dsrow + c);
-                Vec dropped = prob;
-                if (p.dropout) {
-                  const Vec kv = Vec::loadu(keep + c);
-                  dp = dp * kv;
-                  dropped = prob * kv;
+      const int64_t kvh = fused_dq ? t : t / nkb, b = kvh / p.Hkv;
+      std::fill(dq_acc, dq_acc + dq_size, Acc(0));
+      for (int64_t kb = 0; kb < blocks_per_task; ++kb) {
+        const int64_t k0 = (fused_dq ? kb : balanced_block(t % nkb, nkb)) * BK;
+        const int64_t bk = std::min(BK, Lk - k0);
+        std::fill(dk_acc, dk_acc + bk * Dp, Acc(0));
+        std::fill(dv_acc, dv_acc + bk * Dp, Acc(0));
+        const int64_t allowed = p.allowed_keys(b, k0, bk);
+        // Queries [q_first, Lq) see some key of the block.
+        const int64_t q_first = p.causal ? std::clamp<int64_t>(k0 - p.shift, 0, Lq) : 0;
+        if (allowed > 0 && q_first < Lq) {
+          pack_transposed(in.k.rows(kvh, k0), in.k.ld(), bk, kw, kt, BK);
+          pack_transposed(in.v.rows(kvh, k0), in.v.ld(), bk, kw, vt, BK);
+          for (int64_t j = 0; j < BK; ++j) {
+            bias[j] = j < bk && (allowed == bk || p.mask[b * Lk + k0 + j]) ? Acc(0) : neg_inf;
+          }
+          for (int64_t g = 0; g < p.group; ++g) {
+            const int64_t bh = b * p.H + (kvh % p.Hkv) * p.group + g;
+            for (int64_t q0 = q_first / BQ * BQ; q0 < Lq; q0 += BQ) {
+              const int64_t bq = std::min(BQ, Lq - q0), q_row = bh * Lq + q0;
+              gemm<Tile>(bq, BK, kw, in.q.rows(bh, q0), in.q.ld(), 1, kt, BK, pr, BK, false);
+              gemm<Tile>(bq, BK, kw, in.dout.rows(bh, q0), in.dout.ld(), 1, vt, BK, ds, BK, false);
+              const bool cut = p.causal_cut(q0, k0, bk);
+              for (int64_t i = 0; i < bq; ++i) {
+                Acc* prow = pr + i * BK;
+                Acc* dsrow = ds + i * BK;
+                const Vec lse_i(in.lse[q_row + i]), delta_i(in.delta[q_row + i]);
+                for (int64_t c = 0; c < BK; c += V) {
+                  const Vec sc = Vec::loadu(prow + c) * Vec(scale) + Vec::loadu(bias + c);
+                  sc.store(prow + c);
                 }
-                (prob * (dp - delta_i)).store(dsrow + c);
-                dropped.store(prow + c);
+                if (cut) {
+                  // Keys past q0 + i + shift are barred from query q0 + i.
+                  const int64_t open = std::clamp<int64_t>(q0 + i + p.shift - k0 + 1, 0, BK);
+                  std::fill(prow + open, prow + BK, neg_inf);
+                }
+                if (p.dropout) dropout_row<true>(p, bh, q0 + i, k0, BK, keep_scale, keep);
+                for (int64_t c = 0; c < BK; c += V) {
+                  Vec dropped;
+                  softmax_grad(Vec::loadu(prow + c), lse_i, Vec::loadu(dsrow + c), delta_i,
+                               p.dropout ? keep + c : nullptr, &dropped)
+                      .store(dsrow + c);
+                  dropped.store(prow + c);
+                }
+              }
+              const int64_t qw = Path::words(bq);
+              gemm<Tile>(bk, D, qw, Path::tile_operand(pr, bq, BK, p_op), 1, BK,
+                         in.dout.output_rows(bh, q0), in.dout.output_ld(), dv_acc, Dp, true);
+              gemm<Tile>(bk, D, qw, Path::tile_operand(ds, bq, BK, ds_op), 1, BK,
+                         in.q.output_rows(bh, q0), in.q.output_ld(), dk_acc, Dp, true);
+              if (fused_dq) {
+                gemm<Tile>(bq, D, Path::words(bk), Path::row_operand(ds, bq, BK, ds_rows),
+                           Path::words(BK), 1, in.k.output_rows(kvh, k0), in.k.output_ld(),
+                           dq_acc + (g * Lq + q0) * Dp, Dp, true);
               }
             }
-            const int64_t qw = Path::words(bq);
-            gemm<Tile>(bk, D, qw, Path::tile_operand(pr, bq, BK, p_op), 1, BK,
-                       in.dout.output_rows(bh, q0), in.dout.output_ld(), dv_acc, Dp, true);
-            gemm<Tile>(bk, D, qw, Path::tile_operand(ds, bq, BK, ds_op), 1, BK,
-                       in.q.output_rows(bh, q0), in.q.output_ld(), dk_acc, Dp, true);
           }
         }
+        for (int64_t j = 0; j < bk; ++j) {
+          narrow_row(dk_acc + j * Dp, D, scale, dk + (kvh * Lk + k0 + j) * D);
+          narrow_row(dv_acc + j * Dp, D, Acc(1), dv + (kvh * Lk + k0 + j) * D);
+        }
       }
-      for (int64_t j = 0; j < bk; ++j) {
-        narrow_row(dk_acc + j * Dp, D, scale, dk + (kvh * Lk + k0 + j) * D);
-        narrow_row(dv_acc + j * Dp, D, Acc(1), dv + (kvh * Lk + k0 + j) * D);
+      for (int64_t r = 0; r < dq_size / Dp; ++r) {
+        const int64_t g = r / Lq, bh = b * p.H + (kvh % p.Hkv) * p.group + g;
+        narrow_row(dq_acc + r * Dp, D, scale, dq + (bh * Lq + r % Lq) * D);
       }
     }
   });
@@ -751,10 +804,10 @@ void attention_bwd_dq(const AttentionBwdArgs& args, const AttnProblem& p,
           if (cut) std::fill(srow, srow + p.barred_lanes(k0 + j, q0, BQ), neg_inf);
           if (p.dropout) dropout_row<false>(p, bh, k0 + j, q0, BQ, keep_scale, keep);
           for (int64_t c = 0; c < BQ; c += V) {
-            const Vec prob = vexp(Vec::loadu(srow + c) - Vec::loadu(lse + c));
-            Vec dp = Vec::loadu(dsrow + c);
-            if (p.dropout) dp = dp * Vec::loadu(keep + c);
-            (prob * (dp - Vec::loadu(delta + c))).store(dsrow + c);
+            softmax_grad(Vec::loadu(srow + c), Vec::loadu(lse + c), Vec::loadu(dsrow + c),
+                         Vec::loadu(delta + c), p.dropout ? keep + c : nullptr,
+                         static_cast<Vec*>(nullptr))
+                .store(dsrow + c);
           }
         }
         gemm<Tile>(bq, D, Path::words(bk), Path::tile_operand(ds, bk, BQ, ds_op), 1, BQ,
@@ -769,8 +822,14 @@ template <typename Path>
 void attention_bwd_path(const AttentionBwdArgs& args) {
   const AttnProblem p(args.params);
   const AttnBwdInputs<Path> in(args, p);
-  attention_bwd_dkdv<Path>(args, p, in);
-  attention_bwd_dq<Path>(args, p, in);
+  // One pass over the kv heads (five block products) where there are enough kv heads to keep
+  // every thread busy and their dq accumulators fit; else a pass that splits them into key
+  // blocks, then the dq pass (seven products, as s and dp are computed twice).
+  const int64_t dq_floats = p.group * p.Lq * round_up(p.D, Path::Tile::kLanes);
+  const bool fused_dq =
+      p.B * p.Hkv >= 2 * at::get_num_threads() && dq_floats <= kMaxFusedDqFloats;
+  attention_bwd_kv<Path>(args, p, in, fused_dq);
+  if (!fused_dq) attention_bwd_dq<Path>(args, p, in);
 }
 
 // Runs Kernel on the bf16 path where it applies, else on the float path.
