@@ -7,12 +7,17 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_quick_writes_a_report(tmp_path):
+@pytest.mark.parametrize(
+    "op,passes", [("layer_norm", {"fwd", "bwd", "fwd+bwd"}), ("attention", {"fwd", "fwd+bwd"})]
+)
+def test_bench_quick_writes_a_report(tmp_path, op, passes):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "dlfast", "bench", "--op", "layer_norm", "--quick", "--json", str(out)]
+    cmd = [sys.executable, "-m", "dlfast", "bench", "--op", op, "--quick", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
@@ -20,7 +25,8 @@ def test_bench_quick_writes_a_report(tmp_path):
     rows = report["rows"]
     backends = {r["backend"] for r in rows}
     assert "torch" in backends
-    assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["pass"] for r in rows} == passes
     for row in rows:
-        assert row["median_ms"] > 0 and row["gbps"] > 0, row
+        assert row["median_ms"] > 0 and (row["gbps"] or row["tflops"]) > 0, row
+        assert row["frac_of_limit"] > 0, row
         assert row["vs_torch"] > 0, row
