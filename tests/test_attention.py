@@ -380,3 +380,39 @@ def test_every_cpu_isa_variant(isa):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr
+
+
+def test_autocast_runs_in_the_autocast_dtype_like_sdpa(attention_backend):
+    backend, device = attention_backend
+    dtype = torch.float16 if device == "cuda" or backend == "triton" else torch.bfloat16
+    q, k, v, _dout, kwargs = make_inputs((1, 2, 2, 9, 9, 16, True, None), torch.float32, device)
+    with torch.autocast(device, dtype=dtype):
+        ours = dlfast.attention(q, k, v, backend=backend, **kwargs)
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, theirs, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_replays_with_a_fresh_dropout_seed(backend):
+    """Kernels launch on the current stream and read the seed from device memory, so a captured
+    graph replays correctly, and its dropout mask follows the seed tensor it was captured with."""
+    reason = skip_reason(backend, "cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    q, k, v, _dout, _ = make_inputs((2, 4, 2, 130, 130, 64, True, None), torch.float16, "cuda")
+    seed = torch.tensor(11, device="cuda")
+    fwd, _bwd = _ops(backend)
+
+    def call():
+        return fwd(q, k, v, None, True, 0, 0.125, 0.2, seed)[0]
+
+    call()  # compiles Triton outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call()
+    for new_seed in (11, 12):
+        seed.fill_(new_seed)
+        graph.replay()
+        want = reference.attention(q, k, v, causal=True, scale=0.125, dropout_p=0.2, seed=new_seed)
+        torch.testing.assert_close(static_out, want, **tol(torch.float16))
