@@ -51,8 +51,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   const bool* mask = nullptr;
   if (key_padding_mask.has_value()) {
     const at::Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool, "dlfast::attention: key_padding_mask must be bool, got ",
-                m.scalar_type());
+    TORCH_CHECK(m.scalar_type() == at::kBool,
+                "dlfast::attention: key_padding_mask must be bool, got ", m.scalar_type());
     TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == Lk,
                 "dlfast::attention: key_padding_mask must have shape (", B, ", ", Lk, "), got ",
                 m.sizes());
@@ -61,8 +61,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(m.is_contiguous(), "dlfast::attention: key_padding_mask must be contiguous");
     mask = m.data_ptr<bool>();
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dlfast::attention: dropout_p must be in [0, 1), got ",
-              dropout_p);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "dlfast::attention: dropout_p must be in [0, 1), got ", dropout_p);
   uint64_t seed_value = 0;
   if (dropout_p > 0.0) {
     TORCH_CHECK(seed.has_value(), "dlfast::attention: seed is required when dropout_p > 0");

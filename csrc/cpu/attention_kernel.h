@@ -3,16 +3,17 @@
 //
 // Scores live only in per-thread (key block x query block) tiles. Every block product runs
 // through a register-blocked micro-kernel that accumulates each output element as one chain of
-// fused multiply-adds in a fixed order, whatever the tile shapes around it, so the results are
-// bitwise repeatable and independent of how the work is split across threads.
+// multiply-adds in a fixed order, whatever the tile shapes around it, and no two tasks write the
+// same output, so the results are bitwise repeatable and independent of the thread count.
 //
 // A tile is either "key-major" (rows are keys, lanes are queries: the forward and the dq pass,
-// where the softmax statistics of a query block are vectors) or "query-major" (the dk/dv pass,
-// whose statistics are per-row scalars). Two kinds of product appear:
-//   score products, tile (m x lanes) = rows of one input (m x D) . panel (D x lanes), where the
-//     panel is a block of another input transposed, packed once per task;
-//   output products, acc (m x D) += tile^T (m x rows) . rows of an input (rows x D).
-// A "path" (FloatPath, Bf16Path) fixes how both read their operands.
+// where the softmax statistics of a query block are vectors) or "query-major" (the backward's
+// pass over key blocks, whose statistics are per-row scalars). Two kinds of block product:
+//   score products, tile (m x lanes) = rows of one input (m x D) . panel (D x lanes), the panel
+//     being a block of another input transposed, packed once per task;
+//   output products, acc (m x D) += A (m x k) . rows of an input (k x D), A being a tile read
+//     transposed or, for the fused dq, along its rows.
+// A "path" (FloatPath, Bf16Path) fixes the operand formats of both.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -316,7 +317,8 @@ struct Bf16Path {
       const int64_t pairs = (L + 1) / 2;
       pairs_.reset(new uint32_t[std::max<int64_t>(heads * pairs * pairs_ld_, 1)]);
       const auto* x = reinterpret_cast<const uint16_t*>(src);
-      at::parallel_for(0, heads * pairs, std::max<int64_t>(1, 8192 / pairs_ld_), [&](int64_t b, int64_t e) {
+      const int64_t grain = std::max<int64_t>(1, 8192 / pairs_ld_);
+      at::parallel_for(0, heads * pairs, grain, [&](int64_t b, int64_t e) {
         for (int64_t hp = b; hp < e; ++hp) {
           const int64_t h = hp / pairs, r = 2 * (hp % pairs);
           pack_row_pair(x + (h * L + r) * D, r + 1 < L ? x + (h * L + r + 1) * D : nullptr,
@@ -334,8 +336,8 @@ struct Bf16Path {
    private:
     void pack_row_pair(const uint16_t* lo, const uint16_t* hi, uint32_t* out) const {
       for (int64_t d = 0; d < pairs_ld_; d += 16) {
-        const __mmask16 m = d + 16 <= D_ ? __mmask16(0xFFFF)
-                                         : static_cast<__mmask16>((1u << std::max<int64_t>(D_ - d, 0)) - 1);
+        const int64_t n = std::clamp<int64_t>(D_ - d, 0, 16);
+        const __mmask16 m = static_cast<__mmask16>((uint32_t(1) << n) - 1);
         const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + d));
         const __m512i h = hi ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + d))
                              : _mm512_setzero_si512();
@@ -355,7 +357,8 @@ struct Bf16Path {
       const bool has_hi = 2 * p + 1 < k;
       for (int64_t i = 0; i < ld; i += 16) {
         const __m512i l = _mm512_srli_epi32(bf16_high_bits(_mm512_loadu_ps(lo + i)), 16);
-        const __m512i h = has_hi ? bf16_high_bits(_mm512_loadu_ps(lo + ld + i)) : _mm512_setzero_si512();
+        const __m512i h =
+            has_hi ? bf16_high_bits(_mm512_loadu_ps(lo + ld + i)) : _mm512_setzero_si512();
         _mm512_storeu_si512(buf + p * ld + i, _mm512_or_si512(l, h));
       }
     }
@@ -440,10 +443,10 @@ inline Vectorized<Acc> vexp(const Vectorized<Acc>& x) {
 }
 
 // For one vector of scaled scores x: returns ds = p * (dp * keep - delta) with p = exp(x - lse),
-// and sets *dropped to p * keep when asked; keep (1 / (1 - dropout_p), or 0 for a dropped
-// probability) is nullptr without dropout. Both backward schemes call this on values read from
-// memory, and its multiply-add is spelled out, so they round identically whatever contractions
-// the compiler makes elsewhere.
+// and sets *dropped to p * keep when asked. keep points at the dropout multipliers (1 / (1 -
+// dropout_p), or 0 where dropped), or is nullptr without dropout. Both backward schemes call
+// this on values read from memory, and its multiply-add is spelled out, so they round alike
+// whatever contractions the compiler makes elsewhere.
 template <typename Acc>
 inline Vectorized<Acc> softmax_grad(const Vectorized<Acc>& x, const Vectorized<Acc>& lse,
                                     const Vectorized<Acc>& dp, const Vectorized<Acc>& delta,
@@ -459,409 +462,384 @@ inline Vectorized<Acc> softmax_grad(const Vectorized<Acc>& x, const Vectorized<A
   return prob * at::vec::fmsub(dp, kv, delta);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward: one task per (batch, head, query block). Each key block gives a key-major score tile
-// s (bk x BQ) = k_blk q_blk^T; the running max and sum of every query are vectors across lanes.
-
+// The forward and backward passes on one path.
 template <typename Path>
-void attention_fwd_path(const AttentionFwdArgs& args) {
+class AttentionPasses {
   using T = typename Path::T;
   using Acc = typename Path::Acc;
   using Word = typename Path::Word;
+  using Tile = typename Path::Tile;
   using Vec = Vectorized<Acc>;
-  constexpr int64_t V = Vec::size();
-  constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK, QV = BQ / V;
-  static_assert(BQ % V == 0 && BQ % Path::Tile::kLanes == 0, "a query block is whole vectors");
-  const AttnProblem p(args.params);
-  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Path::Tile::kLanes);
-  const int64_t kw = Path::words(D);
-  const typename Path::Input q(static_cast<const T*>(args.q), p.B * p.H, Lq, D, false);
-  const typename Path::Input k(static_cast<const T*>(args.k), p.B * p.Hkv, Lk, D, false);
-  const typename Path::Input v(static_cast<const T*>(args.v), p.B * p.Hkv, Lk, D, true);
-  T* out = static_cast<T*>(args.out);
-  Acc* lse = static_cast<Acc*>(args.lse);
-  const int64_t nqb = (Lq + BQ - 1) / BQ;
-  const Acc scale = static_cast<Acc>(p.scale);
-  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  static constexpr int64_t V = Vec::size();
+  static constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK, QV = BQ / V;
+  static_assert(BQ % V == 0 && BK % V == 0 && BQ % Tile::kLanes == 0 && BK % Tile::kLanes == 0,
+                "query and key blocks are whole vectors");
+  static constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
 
-  at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<Acc[]> scratch(new Acc[BK * BQ + BQ * Dp + 4 * BQ]);
-    Acc* s = scratch.get();        // scores, then probabilities (bk x BQ)
-    Acc* o = s + BK * BQ;          // unnormalised output (BQ x Dp)
-    Acc* alpha = o + BQ * Dp;      // per-query rescale of o (BQ)
-    Acc* keep = alpha + BQ;        // dropout multipliers of one key (BQ)
-    Acc* m_out = keep + BQ;        // final running max (BQ)
-    Acc* l_out = m_out + BQ;       // final running sum (BQ)
-    std::unique_ptr<Word[]> words(new Word[kw * BQ + BK * BQ]);
-    Word* qt = words.get();        // q block transposed (kw x BQ)
-    Word* p_op = qt + kw * BQ;     // probabilities as an output-product operand
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, b = bh / p.H, h = bh % p.H;
-      const int64_t q0 = balanced_block(t % nqb, nqb) * BQ, bq = std::min(BQ, Lq - q0);
-      const int64_t kvh = b * p.Hkv + h / p.group;
-      pack_transposed(q.rows(bh, q0), q.ld(), bq, kw, qt, BQ);
-      std::fill(o, o + BQ * Dp, Acc(0));
-      Vec m[QV], l[QV];
-      for (int64_t c = 0; c < QV; ++c) {
-        m[c] = Vec(neg_inf);
-        l[c] = Vec(Acc(0));
-      }
-      const int64_t k_end = p.key_end(q0, bq);
-      for (int64_t k0 = 0; k0 < k_end; k0 += BK) {
-        const int64_t bk = std::min(BK, k_end - k0);
-        const int64_t allowed = p.allowed_keys(b, k0, bk);
-        if (allowed == 0) continue;
-        gemm<typename Path::Tile>(bk, BQ, kw, k.rows(kvh, k0), k.ld(), 1, qt, BQ, s, BQ, false);
-        const bool cut = p.causal_cut(q0, k0, bk);
-        Vec block_max[QV];
-        for (int64_t c = 0; c < QV; ++c) block_max[c] = Vec(neg_inf);
-        for (int64_t j = 0; j < bk; ++j) {
-          Acc* row = s + j * BQ;
-          if (allowed < bk && !p.mask[b * Lk + k0 + j]) {
-            std::fill(row, row + BQ, neg_inf);
-            continue;
-          }
-          for (int64_t c = 0; c < QV; ++c) (Vec::loadu(row + c * V) * Vec(scale)).store(row + c * V);
-          if (cut) std::fill(row, row + p.barred_lanes(k0 + j, q0, BQ), neg_inf);
-          for (int64_t c = 0; c < QV; ++c) {
-            block_max[c] = at::vec::maximum(block_max[c], Vec::loadu(row + c * V));
-          }
-        }
-        // A query with no allowed key yet keeps max -inf; it exponentiates against 0 instead,
-        // so its probabilities (exp(-inf)) and rescale factor come out 0, never NaN.
-        Vec shift_by[QV], sum[QV];
+ public:
+  // Forward: one task per (batch, head, query block). Each key block gives a key-major score tile
+  // s (bk x BQ) = k_blk q_blk^T; the running max and sum of every query are vectors across lanes.
+  static void run(const AttentionFwdArgs& args) {
+    const AttnProblem p(args.params);
+    const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
+    const int64_t kw = Path::words(D);
+    const typename Path::Input q(static_cast<const T*>(args.q), p.B * p.H, Lq, D, false);
+    const typename Path::Input k(static_cast<const T*>(args.k), p.B * p.Hkv, Lk, D, false);
+    const typename Path::Input v(static_cast<const T*>(args.v), p.B * p.Hkv, Lk, D, true);
+    T* out = static_cast<T*>(args.out);
+    Acc* lse = static_cast<Acc*>(args.lse);
+    const int64_t nqb = (Lq + BQ - 1) / BQ;
+    const Acc scale = static_cast<Acc>(p.scale);
+
+    at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<Acc[]> scratch(new Acc[BK * BQ + BQ * Dp + 4 * BQ]);
+      Acc* s = scratch.get();        // scores, then probabilities (bk x BQ)
+      Acc* o = s + BK * BQ;          // unnormalised output (BQ x Dp)
+      Acc* alpha = o + BQ * Dp;      // per-query rescale of o (BQ)
+      Acc* keep = alpha + BQ;        // dropout multipliers of one key (BQ)
+      Acc* m_out = keep + BQ;        // final running max (BQ)
+      Acc* l_out = m_out + BQ;       // final running sum (BQ)
+      std::unique_ptr<Word[]> words(new Word[kw * BQ + BK * BQ]);
+      Word* qt = words.get();        // q block transposed (kw x BQ)
+      Word* p_op = qt + kw * BQ;     // probabilities as an output-product operand
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / nqb, b = bh / p.H, h = bh % p.H;
+        const int64_t q0 = balanced_block(t % nqb, nqb) * BQ, bq = std::min(BQ, Lq - q0);
+        const int64_t kvh = b * p.Hkv + h / p.group;
+        pack_transposed(q.rows(bh, q0), q.ld(), bq, kw, qt, BQ);
+        std::fill(o, o + BQ * Dp, Acc(0));
+        Vec m[QV], l[QV];
         for (int64_t c = 0; c < QV; ++c) {
-          const Vec m_new = at::vec::maximum(m[c], block_max[c]);
-          shift_by[c] = Vec::blendv(m_new, Vec(Acc(0)), m_new == Vec(neg_inf));
-          const Vec a = vexp(m[c] - shift_by[c]);
-          a.store(alpha + c * V);
-          l[c] = l[c] * a;
-          m[c] = m_new;
-          sum[c] = Vec(Acc(0));
+          m[c] = Vec(kNegInf);
+          l[c] = Vec(Acc(0));
         }
-        for (int64_t j = 0; j < bk; ++j) {
-          Acc* row = s + j * BQ;
-          for (int64_t c = 0; c < QV; ++c) {
-            const Vec pr = vexp(Vec::loadu(row + c * V) - shift_by[c]);
-            sum[c] = sum[c] + pr;
-            pr.store(row + c * V);
-          }
-        }
-        for (int64_t c = 0; c < QV; ++c) l[c] = l[c] + sum[c];
-        if (p.dropout) {
-          // The normaliser sums the undropped probabilities; 1 / (1 - p) is applied at the end.
+        const int64_t k_end = p.key_end(q0, bq);
+        for (int64_t k0 = 0; k0 < k_end; k0 += BK) {
+          const int64_t bk = std::min(BK, k_end - k0);
+          const int64_t allowed = p.allowed_keys(b, k0, bk);
+          if (allowed == 0) continue;
+          gemm<typename Path::Tile>(bk, BQ, kw, k.rows(kvh, k0), k.ld(), 1, qt, BQ, s, BQ, false);
+          const bool cut = p.causal_cut(q0, k0, bk);
+          Vec block_max[QV];
+          for (int64_t c = 0; c < QV; ++c) block_max[c] = Vec(kNegInf);
           for (int64_t j = 0; j < bk; ++j) {
             Acc* row = s + j * BQ;
-            dropout_row<false>(p, bh, k0 + j, q0, BQ, Acc(1), keep);
+            if (allowed < bk && !p.mask[b * Lk + k0 + j]) {
+              std::fill(row, row + BQ, kNegInf);
+              continue;
+            }
             for (int64_t c = 0; c < QV; ++c) {
-              (Vec::loadu(row + c * V) * Vec::loadu(keep + c * V)).store(row + c * V);
+              (Vec::loadu(row + c * V) * Vec(scale)).store(row + c * V);
+            }
+            if (cut) std::fill(row, row + p.barred_lanes(k0 + j, q0, BQ), kNegInf);
+            for (int64_t c = 0; c < QV; ++c) {
+              block_max[c] = at::vec::maximum(block_max[c], Vec::loadu(row + c * V));
             }
           }
+          // A query with no allowed key yet keeps max -inf; it exponentiates against 0 instead,
+          // so its probabilities (exp(-inf)) and rescale factor come out 0, never NaN.
+          Vec shift_by[QV], sum[QV];
+          for (int64_t c = 0; c < QV; ++c) {
+            const Vec m_new = at::vec::maximum(m[c], block_max[c]);
+            shift_by[c] = Vec::blendv(m_new, Vec(Acc(0)), m_new == Vec(kNegInf));
+            const Vec a = vexp(m[c] - shift_by[c]);
+            a.store(alpha + c * V);
+            l[c] = l[c] * a;
+            m[c] = m_new;
+            sum[c] = Vec(Acc(0));
+          }
+          for (int64_t j = 0; j < bk; ++j) {
+            Acc* row = s + j * BQ;
+            for (int64_t c = 0; c < QV; ++c) {
+              const Vec pr = vexp(Vec::loadu(row + c * V) - shift_by[c]);
+              sum[c] = sum[c] + pr;
+              pr.store(row + c * V);
+            }
+          }
+          for (int64_t c = 0; c < QV; ++c) l[c] = l[c] + sum[c];
+          if (p.dropout) {
+            // The normaliser sums the undropped probabilities; 1 / (1 - p) is applied at the end.
+            for (int64_t j = 0; j < bk; ++j) {
+              Acc* row = s + j * BQ;
+              dropout_row<false>(p, bh, k0 + j, q0, BQ, Acc(1), keep);
+              for (int64_t c = 0; c < QV; ++c) {
+                (Vec::loadu(row + c * V) * Vec::loadu(keep + c * V)).store(row + c * V);
+              }
+            }
+          }
+          for (int64_t i = 0; i < bq; ++i) {
+            if (alpha[i] != Acc(1)) {
+              Acc* orow = o + i * Dp;
+              for (int64_t d = 0; d < Dp; d += V) {
+                (Vec::loadu(orow + d) * Vec(alpha[i])).store(orow + d);
+              }
+            }
+          }
+          gemm<typename Path::Tile>(bq, D, Path::words(bk), Path::tile_operand(s, bk, BQ, p_op), 1,
+                                    BQ, v.output_rows(kvh, k0), v.output_ld(), o, Dp, true);
+        }
+        for (int64_t c = 0; c < QV; ++c) {
+          m[c].store(m_out + c * V);
+          l[c].store(l_out + c * V);
         }
         for (int64_t i = 0; i < bq; ++i) {
-          if (alpha[i] != Acc(1)) {
-            Acc* orow = o + i * Dp;
-            for (int64_t d = 0; d < Dp; d += V) (Vec::loadu(orow + d) * Vec(alpha[i])).store(orow + d);
+          const Acc li = l_out[i];
+          T* orow = out + (bh * Lq + q0 + i) * D;
+          if (li == Acc(0)) {
+            std::fill(orow, orow + D, T(0));
+            lse[bh * Lq + q0 + i] = std::numeric_limits<Acc>::infinity();
+          } else {
+            narrow_row(o + i * Dp, D, static_cast<Acc>(p.keep_scale) / li, orow);
+            lse[bh * Lq + q0 + i] = m_out[i] + std::log(li);
           }
         }
-        gemm<typename Path::Tile>(bq, D, Path::words(bk), Path::tile_operand(s, bk, BQ, p_op), 1,
-                                  BQ, v.output_rows(kvh, k0), v.output_ld(), o, Dp, true);
-      }
-      for (int64_t c = 0; c < QV; ++c) {
-        m[c].store(m_out + c * V);
-        l[c].store(l_out + c * V);
-      }
-      for (int64_t i = 0; i < bq; ++i) {
-        const Acc li = l_out[i];
-        T* orow = out + (bh * Lq + q0 + i) * D;
-        if (li == Acc(0)) {
-          std::fill(orow, orow + D, T(0));
-          lse[bh * Lq + q0 + i] = std::numeric_limits<Acc>::infinity();
-        } else {
-          narrow_row(o + i * Dp, D, static_cast<Acc>(p.keep_scale) / li, orow);
-          lse[bh * Lq + q0 + i] = m_out[i] + std::log(li);
-        }
-      }
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward, FlashAttention-2 style from the saved lse, in two passes that each own their outputs
-// (no atomics, no order that depends on scheduling): dk and dv per (batch, kv head, key block),
-// summing the group's heads and query blocks in a fixed order; dq per (batch, head, query block).
-// Both recompute p = exp(scale s - lse) and dp = dout v^T. The `deterministic` flag is therefore
-// ignored: this backward is always bitwise repeatable, whatever the thread count.
-
-template <typename Path>
-struct AttnBwdInputs {
-  using T = typename Path::T;
-  using Acc = typename Path::Acc;
-  AttnBwdInputs(const AttentionBwdArgs& args, const AttnProblem& p)
-      : q(static_cast<const T*>(args.q), p.B * p.H, p.Lq, p.D, true),
-        dout(static_cast<const T*>(args.dout), p.B * p.H, p.Lq, p.D, true),
-        k(static_cast<const T*>(args.k), p.B * p.Hkv, p.Lk, p.D, true),
-        v(static_cast<const T*>(args.v), p.B * p.Hkv, p.Lk, p.D, false),
-        lse(static_cast<const Acc*>(args.lse)),
-        delta(new Acc[std::max<int64_t>(p.B * p.H * p.Lq, 1)]) {
-    // delta_i = rowsum(dout_i * out_i), the softmax backward's correction term.
-    const T* o = static_cast<const T*>(args.out);
-    const T* dy = static_cast<const T*>(args.dout);
-    const int64_t D = p.D;
-    using IO = RowIO<T>;
-    at::parallel_for(0, p.B * p.H * p.Lq, std::max<int64_t>(1, 16384 / D), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* orow = o + r * D;
-        const T* dyrow = dy + r * D;
-        typename IO::Vec acc(Acc(0));
-        int64_t d = 0;
-        for (; d + IO::kStep <= D; d += IO::kStep) {
-          typename IO::Vec x[IO::kVecs], y[IO::kVecs];
-          IO::load(orow + d, x);
-          IO::load(dyrow + d, y);
-          for (int s = 0; s < IO::kVecs; ++s) acc = at::vec::fmadd(x[s], y[s], acc);
-        }
-        Acc sum = at::vec::vec_reduce_all<Acc>([](auto& u, auto& w) { return u + w; }, acc);
-        for (; d < D; ++d) sum += static_cast<Acc>(orow[d]) * static_cast<Acc>(dyrow[d]);
-        delta[r] = sum;
       }
     });
   }
-  typename Path::Input q, dout, k, v;
-  const Acc* lse;
-  std::unique_ptr<Acc[]> delta;
-};
 
-// dk, dv (and with fused_dq, dq): key blocks of one kv head, in query-major tiles
-// s (bq x BK) = q_blk k_blk^T. Without fused_dq a task is one key block; with it a task is a whole
-// kv head, whose key blocks run in ascending order so that each dq row sums its key blocks in
-// the order attention_bwd_dq does, with the same fused multiply-adds on the same values: the
-// two schemes give the same bits, so which one runs may depend on the thread count.
-template <typename Path>
-void attention_bwd_kv(const AttentionBwdArgs& args, const AttnProblem& p,
-                      const AttnBwdInputs<Path>& in, bool fused_dq) {
-  using T = typename Path::T;
-  using Acc = typename Path::Acc;
-  using Word = typename Path::Word;
-  using Tile = typename Path::Tile;
-  using Vec = Vectorized<Acc>;
-  constexpr int64_t V = Vec::size();
-  constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK;
-  static_assert(BK % V == 0 && BK % Tile::kLanes == 0, "a key block is whole vectors");
-  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
-  const int64_t kw = Path::words(D), nkb = (Lk + BK - 1) / BK;
-  const int64_t blocks_per_task = fused_dq ? nkb : 1;
-  const int64_t dq_size = fused_dq ? p.group * Lq * Dp : 0;
-  const Acc scale = static_cast<Acc>(p.scale), keep_scale = static_cast<Acc>(p.keep_scale);
-  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
-  T* dq = static_cast<T*>(args.dq);
-  T* dk = static_cast<T*>(args.dk);
-  T* dv = static_cast<T*>(args.dv);
+  // Backward, FlashAttention-2 style from the saved lse, with tasks that each own their outputs (no
+  // atomics, no order that depends on scheduling): dk and dv per (batch, kv head, key block),
+  // summing the group's heads and query blocks in a fixed order, then dq per (batch, head, query
+  // block), both recomputing p = exp(scale s - lse) and dp = dout v^T; or, given enough kv heads,
+  // one pass per (batch, kv head) that also sums dq, with the same bits. The `deterministic` flag
+  // is therefore ignored: this backward is always bitwise repeatable, whatever the thread count.
+  static void run(const AttentionBwdArgs& args) {
+    const AttnProblem p(args.params);
+    const BwdInputs in(args, p);
+    // One pass over the kv heads (five block products) where there are enough kv heads to keep
+    // every thread busy and their dq accumulators fit; else a pass that splits them into key
+    // blocks, then the dq pass (seven products, as s and dp are computed twice).
+    const int64_t dq_floats = p.group * p.Lq * round_up(p.D, Tile::kLanes);
+    const bool fused_dq =
+        p.B * p.Hkv >= 2 * at::get_num_threads() && dq_floats <= kMaxFusedDqFloats;
+    backward_kv(args, p, in, fused_dq);
+    if (!fused_dq) backward_dq(args, p, in);
+  }
 
-  at::parallel_for(0, p.B * p.Hkv * nkb / blocks_per_task, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<Acc[]> scratch(new Acc[2 * BQ * BK + 2 * BK * Dp + 2 * BK + dq_size]);
-    Acc* pr = scratch.get();        // probabilities, after dropout (bq x BK)
-    Acc* ds = pr + BQ * BK;         // dp, then ds (bq x BK)
-    Acc* dk_acc = ds + BQ * BK;     // (bk x Dp)
-    Acc* dv_acc = dk_acc + BK * Dp; // (bk x Dp)
-    Acc* bias = dv_acc + BK * Dp;   // 0 for an allowed key, -inf for a padded one (BK)
-    Acc* keep = bias + BK;          // dropout multipliers of one query (BK)
-    Acc* dq_acc = keep + BK;        // with fused_dq: dq of the group's heads (group x Lq x Dp)
-    std::unique_ptr<Word[]> words(new Word[2 * kw * BK + 3 * BQ * BK]);
-    Word* kt = words.get();         // k block transposed (kw x BK)
-    Word* vt = kt + kw * BK;        // v block transposed (kw x BK)
-    Word* p_op = vt + kw * BK;      // pr as an output-product operand
-    Word* ds_op = p_op + BQ * BK;   // ds as an output-product operand
-    Word* ds_rows = ds_op + BQ * BK; // ds as the A operand of the dq product
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t kvh = fused_dq ? t : t / nkb, b = kvh / p.Hkv;
-      std::fill(dq_acc, dq_acc + dq_size, Acc(0));
-      for (int64_t kb = 0; kb < blocks_per_task; ++kb) {
-        const int64_t k0 = (fused_dq ? kb : balanced_block(t % nkb, nkb)) * BK;
-        const int64_t bk = std::min(BK, Lk - k0);
-        std::fill(dk_acc, dk_acc + bk * Dp, Acc(0));
-        std::fill(dv_acc, dv_acc + bk * Dp, Acc(0));
-        const int64_t allowed = p.allowed_keys(b, k0, bk);
-        // Queries [q_first, Lq) see some key of the block.
-        const int64_t q_first = p.causal ? std::clamp<int64_t>(k0 - p.shift, 0, Lq) : 0;
-        if (allowed > 0 && q_first < Lq) {
-          pack_transposed(in.k.rows(kvh, k0), in.k.ld(), bk, kw, kt, BK);
-          pack_transposed(in.v.rows(kvh, k0), in.v.ld(), bk, kw, vt, BK);
-          for (int64_t j = 0; j < BK; ++j) {
-            bias[j] = j < bk && (allowed == bk || p.mask[b * Lk + k0 + j]) ? Acc(0) : neg_inf;
+ private:
+  struct BwdInputs {
+    BwdInputs(const AttentionBwdArgs& args, const AttnProblem& p)
+        : q(static_cast<const T*>(args.q), p.B * p.H, p.Lq, p.D, true),
+          dout(static_cast<const T*>(args.dout), p.B * p.H, p.Lq, p.D, true),
+          k(static_cast<const T*>(args.k), p.B * p.Hkv, p.Lk, p.D, true),
+          v(static_cast<const T*>(args.v), p.B * p.Hkv, p.Lk, p.D, false),
+          lse(static_cast<const Acc*>(args.lse)),
+          delta(new Acc[std::max<int64_t>(p.B * p.H * p.Lq, 1)]) {
+      // delta_i = rowsum(dout_i * out_i), the softmax backward's correction term.
+      const T* o = static_cast<const T*>(args.out);
+      const T* dy = static_cast<const T*>(args.dout);
+      const int64_t D = p.D;
+      using IO = RowIO<T>;
+      const int64_t grain = std::max<int64_t>(1, 16384 / D);
+      at::parallel_for(0, p.B * p.H * p.Lq, grain, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const T* orow = o + r * D;
+          const T* dyrow = dy + r * D;
+          typename IO::Vec acc(Acc(0));
+          int64_t d = 0;
+          for (; d + IO::kStep <= D; d += IO::kStep) {
+            typename IO::Vec x[IO::kVecs], y[IO::kVecs];
+            IO::load(orow + d, x);
+            IO::load(dyrow + d, y);
+            for (int s = 0; s < IO::kVecs; ++s) acc = at::vec::fmadd(x[s], y[s], acc);
           }
-          for (int64_t g = 0; g < p.group; ++g) {
-            const int64_t bh = b * p.H + (kvh % p.Hkv) * p.group + g;
-            for (int64_t q0 = q_first / BQ * BQ; q0 < Lq; q0 += BQ) {
-              const int64_t bq = std::min(BQ, Lq - q0), q_row = bh * Lq + q0;
-              gemm<Tile>(bq, BK, kw, in.q.rows(bh, q0), in.q.ld(), 1, kt, BK, pr, BK, false);
-              gemm<Tile>(bq, BK, kw, in.dout.rows(bh, q0), in.dout.ld(), 1, vt, BK, ds, BK, false);
-              const bool cut = p.causal_cut(q0, k0, bk);
-              for (int64_t i = 0; i < bq; ++i) {
-                Acc* prow = pr + i * BK;
-                Acc* dsrow = ds + i * BK;
-                const Vec lse_i(in.lse[q_row + i]), delta_i(in.delta[q_row + i]);
-                for (int64_t c = 0; c < BK; c += V) {
-                  const Vec sc = Vec::loadu(prow + c) * Vec(scale) + Vec::loadu(bias + c);
-                  sc.store(prow + c);
+          Acc sum = at::vec::vec_reduce_all<Acc>([](auto& u, auto& w) { return u + w; }, acc);
+          for (; d < D; ++d) sum += static_cast<Acc>(orow[d]) * static_cast<Acc>(dyrow[d]);
+          delta[r] = sum;
+        }
+      });
+    }
+    typename Path::Input q, dout, k, v;
+    const Acc* lse;
+    std::unique_ptr<Acc[]> delta;
+  };
+
+  // dk, dv (and with fused_dq, dq): key blocks of one kv head, in query-major tiles
+  // s (bq x BK) = q_blk k_blk^T. Without fused_dq a task is one key block; with it a task is a
+  // whole kv head, whose key blocks run in ascending order so that each dq row sums its key
+  // blocks in the order backward_dq does, with the same multiply-adds on the same values: the
+  // two schemes give the same bits, so which one runs may depend on the thread count.
+  static void backward_kv(const AttentionBwdArgs& args, const AttnProblem& p, const BwdInputs& in,
+                          bool fused_dq) {
+    const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
+    const int64_t kw = Path::words(D), nkb = (Lk + BK - 1) / BK;
+    const int64_t blocks_per_task = fused_dq ? nkb : 1;
+    const int64_t dq_size = fused_dq ? p.group * Lq * Dp : 0;
+    const Acc scale = static_cast<Acc>(p.scale), keep_scale = static_cast<Acc>(p.keep_scale);
+    T* dq = static_cast<T*>(args.dq);
+    T* dk = static_cast<T*>(args.dk);
+    T* dv = static_cast<T*>(args.dv);
+
+    at::parallel_for(0, p.B * p.Hkv * nkb / blocks_per_task, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<Acc[]> scratch(new Acc[2 * BQ * BK + 2 * BK * Dp + 2 * BK + dq_size]);
+      Acc* pr = scratch.get();        // probabilities, after dropout (bq x BK)
+      Acc* ds = pr + BQ * BK;         // dp, then ds (bq x BK)
+      Acc* dk_acc = ds + BQ * BK;     // (bk x Dp)
+      Acc* dv_acc = dk_acc + BK * Dp; // (bk x Dp)
+      Acc* bias = dv_acc + BK * Dp;   // 0 for an allowed key, -inf for a padded one (BK)
+      Acc* keep = bias + BK;          // dropout multipliers of one query (BK)
+      Acc* dq_acc = keep + BK;        // with fused_dq: dq of the group's heads (group x Lq x Dp)
+      std::unique_ptr<Word[]> words(new Word[2 * kw * BK + 3 * BQ * BK]);
+      Word* kt = words.get();         // k block transposed (kw x BK)
+      Word* vt = kt + kw * BK;        // v block transposed (kw x BK)
+      Word* p_op = vt + kw * BK;      // pr as an output-product operand
+      Word* ds_op = p_op + BQ * BK;   // ds as an output-product operand
+      Word* ds_rows = ds_op + BQ * BK; // ds as the A operand of the dq product
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t kvh = fused_dq ? t : t / nkb, b = kvh / p.Hkv;
+        std::fill(dq_acc, dq_acc + dq_size, Acc(0));
+        for (int64_t kb = 0; kb < blocks_per_task; ++kb) {
+          const int64_t k0 = (fused_dq ? kb : balanced_block(t % nkb, nkb)) * BK;
+          const int64_t bk = std::min(BK, Lk - k0);
+          std::fill(dk_acc, dk_acc + bk * Dp, Acc(0));
+          std::fill(dv_acc, dv_acc + bk * Dp, Acc(0));
+          const int64_t allowed = p.allowed_keys(b, k0, bk);
+          // Queries [q_first, Lq) see some key of the block.
+          const int64_t q_first = p.causal ? std::clamp<int64_t>(k0 - p.shift, 0, Lq) : 0;
+          if (allowed > 0 && q_first < Lq) {
+            pack_transposed(in.k.rows(kvh, k0), in.k.ld(), bk, kw, kt, BK);
+            pack_transposed(in.v.rows(kvh, k0), in.v.ld(), bk, kw, vt, BK);
+            for (int64_t j = 0; j < BK; ++j) {
+              bias[j] = j < bk && (allowed == bk || p.mask[b * Lk + k0 + j]) ? Acc(0) : kNegInf;
+            }
+            for (int64_t g = 0; g < p.group; ++g) {
+              const int64_t bh = b * p.H + (kvh % p.Hkv) * p.group + g;
+              for (int64_t q0 = q_first / BQ * BQ; q0 < Lq; q0 += BQ) {
+                const int64_t bq = std::min(BQ, Lq - q0), q_row = bh * Lq + q0;
+                gemm<Tile>(bq, BK, kw, in.q.rows(bh, q0), in.q.ld(), 1, kt, BK, pr, BK, false);
+                gemm<Tile>(bq, BK, kw, in.dout.rows(bh, q0), in.dout.ld(), 1, vt, BK, ds, BK,
+                           false);
+                const bool cut = p.causal_cut(q0, k0, bk);
+                for (int64_t i = 0; i < bq; ++i) {
+                  Acc* prow = pr + i * BK;
+                  Acc* dsrow = ds + i * BK;
+                  const Vec lse_i(in.lse[q_row + i]), delta_i(in.delta[q_row + i]);
+                  for (int64_t c = 0; c < BK; c += V) {
+                    const Vec sc = Vec::loadu(prow + c) * Vec(scale) + Vec::loadu(bias + c);
+                    sc.store(prow + c);
+                  }
+                  if (cut) {
+                    // Keys past q0 + i + shift are barred from query q0 + i.
+                    const int64_t open = std::clamp<int64_t>(q0 + i + p.shift - k0 + 1, 0, BK);
+                    std::fill(prow + open, prow + BK, kNegInf);
+                  }
+                  if (p.dropout) dropout_row<true>(p, bh, q0 + i, k0, BK, keep_scale, keep);
+                  for (int64_t c = 0; c < BK; c += V) {
+                    Vec dropped;
+                    softmax_grad(Vec::loadu(prow + c), lse_i, Vec::loadu(dsrow + c), delta_i,
+                                 p.dropout ? keep + c : nullptr, &dropped)
+                        .store(dsrow + c);
+                    dropped.store(prow + c);
+                  }
                 }
-                if (cut) {
-                  // Keys past q0 + i + shift are barred from query q0 + i.
-                  const int64_t open = std::clamp<int64_t>(q0 + i + p.shift - k0 + 1, 0, BK);
-                  std::fill(prow + open, prow + BK, neg_inf);
+                const int64_t qw = Path::words(bq);
+                gemm<Tile>(bk, D, qw, Path::tile_operand(pr, bq, BK, p_op), 1, BK,
+                           in.dout.output_rows(bh, q0), in.dout.output_ld(), dv_acc, Dp, true);
+                gemm<Tile>(bk, D, qw, Path::tile_operand(ds, bq, BK, ds_op), 1, BK,
+                           in.q.output_rows(bh, q0), in.q.output_ld(), dk_acc, Dp, true);
+                if (fused_dq) {
+                  gemm<Tile>(bq, D, Path::words(bk), Path::row_operand(ds, bq, BK, ds_rows),
+                             Path::words(BK), 1, in.k.output_rows(kvh, k0), in.k.output_ld(),
+                             dq_acc + (g * Lq + q0) * Dp, Dp, true);
                 }
-                if (p.dropout) dropout_row<true>(p, bh, q0 + i, k0, BK, keep_scale, keep);
-                for (int64_t c = 0; c < BK; c += V) {
-                  Vec dropped;
-                  softmax_grad(Vec::loadu(prow + c), lse_i, Vec::loadu(dsrow + c), delta_i,
-                               p.dropout ? keep + c : nullptr, &dropped)
-                      .store(dsrow + c);
-                  dropped.store(prow + c);
-                }
-              }
-              const int64_t qw = Path::words(bq);
-              gemm<Tile>(bk, D, qw, Path::tile_operand(pr, bq, BK, p_op), 1, BK,
-                         in.dout.output_rows(bh, q0), in.dout.output_ld(), dv_acc, Dp, true);
-              gemm<Tile>(bk, D, qw, Path::tile_operand(ds, bq, BK, ds_op), 1, BK,
-                         in.q.output_rows(bh, q0), in.q.output_ld(), dk_acc, Dp, true);
-              if (fused_dq) {
-                gemm<Tile>(bq, D, Path::words(bk), Path::row_operand(ds, bq, BK, ds_rows),
-                           Path::words(BK), 1, in.k.output_rows(kvh, k0), in.k.output_ld(),
-                           dq_acc + (g * Lq + q0) * Dp, Dp, true);
               }
             }
           }
-        }
-        for (int64_t j = 0; j < bk; ++j) {
-          narrow_row(dk_acc + j * Dp, D, scale, dk + (kvh * Lk + k0 + j) * D);
-          narrow_row(dv_acc + j * Dp, D, Acc(1), dv + (kvh * Lk + k0 + j) * D);
-        }
-      }
-      for (int64_t r = 0; r < dq_size / Dp; ++r) {
-        const int64_t g = r / Lq, bh = b * p.H + (kvh % p.Hkv) * p.group + g;
-        narrow_row(dq_acc + r * Dp, D, scale, dq + (bh * Lq + r % Lq) * D);
-      }
-    }
-  });
-}
-
-// dq: query block [q0, q0 + bq) of one head, in key-major tiles s (bk x BQ) = k_blk q_blk^T.
-template <typename Path>
-void attention_bwd_dq(const AttentionBwdArgs& args, const AttnProblem& p,
-                      const AttnBwdInputs<Path>& in) {
-  using T = typename Path::T;
-  using Acc = typename Path::Acc;
-  using Word = typename Path::Word;
-  using Tile = typename Path::Tile;
-  using Vec = Vectorized<Acc>;
-  constexpr int64_t V = Vec::size();
-  constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK;
-  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
-  const int64_t kw = Path::words(D), nqb = (Lq + BQ - 1) / BQ;
-  const Acc scale = static_cast<Acc>(p.scale), keep_scale = static_cast<Acc>(p.keep_scale);
-  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
-  T* dq = static_cast<T*>(args.dq);
-
-  at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<Acc[]> scratch(new Acc[2 * BK * BQ + BQ * Dp + 3 * BQ]);
-    Acc* st = scratch.get();         // scores (bk x BQ)
-    Acc* ds = st + BK * BQ;          // dp, then ds (bk x BQ)
-    Acc* dq_acc = ds + BK * BQ;      // (BQ x Dp)
-    Acc* lse = dq_acc + BQ * Dp;     // lse of the block's queries, +inf past its end (BQ)
-    Acc* delta = lse + BQ;           // (BQ)
-    Acc* keep = delta + BQ;          // dropout multipliers of one key (BQ)
-    std::unique_ptr<Word[]> words(new Word[2 * kw * BQ + BK * BQ]);
-    Word* qt = words.get();          // q block transposed (kw x BQ)
-    Word* dot = qt + kw * BQ;        // dout block transposed (kw x BQ)
-    Word* ds_op = dot + kw * BQ;     // ds as an output-product operand
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, b = bh / p.H, h = bh % p.H;
-      const int64_t q0 = balanced_block(t % nqb, nqb) * BQ, bq = std::min(BQ, Lq - q0);
-      const int64_t q_row = bh * Lq + q0, kvh = b * p.Hkv + h / p.group;
-      pack_transposed(in.q.rows(bh, q0), in.q.ld(), bq, kw, qt, BQ);
-      pack_transposed(in.dout.rows(bh, q0), in.dout.ld(), bq, kw, dot, BQ);
-      for (int64_t i = 0; i < BQ; ++i) {
-        lse[i] = i < bq ? in.lse[q_row + i] : std::numeric_limits<Acc>::infinity();
-        delta[i] = i < bq ? in.delta[q_row + i] : Acc(0);
-      }
-      std::fill(dq_acc, dq_acc + BQ * Dp, Acc(0));
-      const int64_t k_end = p.key_end(q0, bq);
-      for (int64_t k0 = 0; k0 < k_end; k0 += BK) {
-        const int64_t bk = std::min(BK, k_end - k0);
-        const int64_t allowed = p.allowed_keys(b, k0, bk);
-        if (allowed == 0) continue;
-        gemm<Tile>(bk, BQ, kw, in.k.rows(kvh, k0), in.k.ld(), 1, qt, BQ, st, BQ, false);
-        gemm<Tile>(bk, BQ, kw, in.v.rows(kvh, k0), in.v.ld(), 1, dot, BQ, ds, BQ, false);
-        const bool cut = p.causal_cut(q0, k0, bk);
-        for (int64_t j = 0; j < bk; ++j) {
-          Acc* srow = st + j * BQ;
-          Acc* dsrow = ds + j * BQ;
-          if (allowed < bk && !p.mask[b * Lk + k0 + j]) {
-            std::fill(dsrow, dsrow + BQ, Acc(0));
-            continue;
-          }
-          for (int64_t c = 0; c < BQ; c += V) (Vec::loadu(srow + c) * Vec(scale)).store(srow + c);
-          if (cut) std::fill(srow, srow + p.barred_lanes(k0 + j, q0, BQ), neg_inf);
-          if (p.dropout) dropout_row<false>(p, bh, k0 + j, q0, BQ, keep_scale, keep);
-          for (int64_t c = 0; c < BQ; c += V) {
-            softmax_grad(Vec::loadu(srow + c), Vec::loadu(lse + c), Vec::loadu(dsrow + c),
-                         Vec::loadu(delta + c), p.dropout ? keep + c : nullptr,
-                         static_cast<Vec*>(nullptr))
-                .store(dsrow + c);
+          for (int64_t j = 0; j < bk; ++j) {
+            narrow_row(dk_acc + j * Dp, D, scale, dk + (kvh * Lk + k0 + j) * D);
+            narrow_row(dv_acc + j * Dp, D, Acc(1), dv + (kvh * Lk + k0 + j) * D);
           }
         }
-        gemm<Tile>(bq, D, Path::words(bk), Path::tile_operand(ds, bk, BQ, ds_op), 1, BQ,
-                   in.k.output_rows(kvh, k0), in.k.output_ld(), dq_acc, Dp, true);
+        for (int64_t r = 0; r < dq_size / Dp; ++r) {
+          const int64_t g = r / Lq, bh = b * p.H + (kvh % p.Hkv) * p.group + g;
+          narrow_row(dq_acc + r * Dp, D, scale, dq + (bh * Lq + r % Lq) * D);
+        }
       }
-      for (int64_t i = 0; i < bq; ++i) narrow_row(dq_acc + i * Dp, D, scale, dq + (q_row + i) * D);
-    }
-  });
-}
-
-template <typename Path>
-void attention_bwd_path(const AttentionBwdArgs& args) {
-  const AttnProblem p(args.params);
-  const AttnBwdInputs<Path> in(args, p);
-  // One pass over the kv heads (five block products) where there are enough kv heads to keep
-  // every thread busy and their dq accumulators fit; else a pass that splits them into key
-  // blocks, then the dq pass (seven products, as s and dp are computed twice).
-  const int64_t dq_floats = p.group * p.Lq * round_up(p.D, Path::Tile::kLanes);
-  const bool fused_dq =
-      p.B * p.Hkv >= 2 * at::get_num_threads() && dq_floats <= kMaxFusedDqFloats;
-  attention_bwd_kv<Path>(args, p, in, fused_dq);
-  if (!fused_dq) attention_bwd_dq<Path>(args, p, in);
-}
-
-// Runs Kernel on the bf16 path where it applies, else on the float path.
-template <template <typename> class Kernel, typename T, typename Args>
-void run_on_best_path(const Args& args) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (args.params.D % 2 == 0 && cpu_has_bf16_dot()) return Kernel<Bf16Path>::run(args);
+    });
   }
+
+  // dq: query block [q0, q0 + bq) of one head, in key-major tiles s (bk x BQ) = k_blk q_blk^T.
+  static void backward_dq(const AttentionBwdArgs& args, const AttnProblem& p, const BwdInputs& in) {
+    const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk, Dp = round_up(D, Tile::kLanes);
+    const int64_t kw = Path::words(D), nqb = (Lq + BQ - 1) / BQ;
+    const Acc scale = static_cast<Acc>(p.scale), keep_scale = static_cast<Acc>(p.keep_scale);
+    T* dq = static_cast<T*>(args.dq);
+
+    at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<Acc[]> scratch(new Acc[2 * BK * BQ + BQ * Dp + 3 * BQ]);
+      Acc* st = scratch.get();         // scores (bk x BQ)
+      Acc* ds = st + BK * BQ;          // dp, then ds (bk x BQ)
+      Acc* dq_acc = ds + BK * BQ;      // (BQ x Dp)
+      Acc* lse = dq_acc + BQ * Dp;     // lse of the block's queries, +inf past its end (BQ)
+      Acc* delta = lse + BQ;           // (BQ)
+      Acc* keep = delta + BQ;          // dropout multipliers of one key (BQ)
+      std::unique_ptr<Word[]> words(new Word[2 * kw * BQ + BK * BQ]);
+      Word* qt = words.get();          // q block transposed (kw x BQ)
+      Word* dot = qt + kw * BQ;        // dout block transposed (kw x BQ)
+      Word* ds_op = dot + kw * BQ;     // ds as an output-product operand
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / nqb, b = bh / p.H, h = bh % p.H;
+        const int64_t q0 = balanced_block(t % nqb, nqb) * BQ, bq = std::min(BQ, Lq - q0);
+        const int64_t q_row = bh * Lq + q0, kvh = b * p.Hkv + h / p.group;
+        pack_transposed(in.q.rows(bh, q0), in.q.ld(), bq, kw, qt, BQ);
+        pack_transposed(in.dout.rows(bh, q0), in.dout.ld(), bq, kw, dot, BQ);
+        for (int64_t i = 0; i < BQ; ++i) {
+          lse[i] = i < bq ? in.lse[q_row + i] : std::numeric_limits<Acc>::infinity();
+          delta[i] = i < bq ? in.delta[q_row + i] : Acc(0);
+        }
+        std::fill(dq_acc, dq_acc + BQ * Dp, Acc(0));
+        const int64_t k_end = p.key_end(q0, bq);
+        for (int64_t k0 = 0; k0 < k_end; k0 += BK) {
+          const int64_t bk = std::min(BK, k_end - k0);
+          const int64_t allowed = p.allowed_keys(b, k0, bk);
+          if (allowed == 0) continue;
+          gemm<Tile>(bk, BQ, kw, in.k.rows(kvh, k0), in.k.ld(), 1, qt, BQ, st, BQ, false);
+          gemm<Tile>(bk, BQ, kw, in.v.rows(kvh, k0), in.v.ld(), 1, dot, BQ, ds, BQ, false);
+          const bool cut = p.causal_cut(q0, k0, bk);
+          for (int64_t j = 0; j < bk; ++j) {
+            Acc* srow = st + j * BQ;
+            Acc* dsrow = ds + j * BQ;
+            if (allowed < bk && !p.mask[b * Lk + k0 + j]) {
+              std::fill(dsrow, dsrow + BQ, Acc(0));
+              continue;
+            }
+            for (int64_t c = 0; c < BQ; c += V) (Vec::loadu(srow + c) * Vec(scale)).store(srow + c);
+            if (cut) std::fill(srow, srow + p.barred_lanes(k0 + j, q0, BQ), kNegInf);
+            if (p.dropout) dropout_row<false>(p, bh, k0 + j, q0, BQ, keep_scale, keep);
+            for (int64_t c = 0; c < BQ; c += V) {
+              softmax_grad(Vec::loadu(srow + c), Vec::loadu(lse + c), Vec::loadu(dsrow + c),
+                           Vec::loadu(delta + c), p.dropout ? keep + c : nullptr,
+                           static_cast<Vec*>(nullptr))
+                  .store(dsrow + c);
+            }
+          }
+          gemm<Tile>(bq, D, Path::words(bk), Path::tile_operand(ds, bk, BQ, ds_op), 1, BQ,
+                     in.k.output_rows(kvh, k0), in.k.output_ld(), dq_acc, Dp, true);
+        }
+        for (int64_t i = 0; i < bq; ++i) {
+          narrow_row(dq_acc + i * Dp, D, scale, dq + (q_row + i) * D);
+        }
+      }
+    });
+  }
+};
+
+// Runs the passes on the bf16 path where it applies, else on the float path.
+template <typename T>
+struct AttentionOps {
+  template <typename Args>
+  static void run(const Args& args) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (args.params.D % 2 == 0 && cpu_has_bf16_dot()) return AttentionPasses<Bf16Path>::run(args);
+    }
 #endif
-  Kernel<FloatPath<T>>::run(args);
-}
-
-template <typename Path>
-struct AttentionFwdOnPath {
-  static void run(const AttentionFwdArgs& args) { attention_fwd_path<Path>(args); }
-};
-template <typename Path>
-struct AttentionBwdOnPath {
-  static void run(const AttentionBwdArgs& args) { attention_bwd_path<Path>(args); }
-};
-template <typename T>
-struct AttentionFwd {
-  static void run(const AttentionFwdArgs& args) { run_on_best_path<AttentionFwdOnPath, T>(args); }
-};
-template <typename T>
-struct AttentionBwd {
-  static void run(const AttentionBwdArgs& args) { run_on_best_path<AttentionBwdOnPath, T>(args); }
+    AttentionPasses<FloatPath<T>>::run(args);
+  }
 };
 
-void attention_fwd(const AttentionFwdArgs& args) { dispatch_float_types<AttentionFwd>(args); }
-void attention_bwd(const AttentionBwdArgs& args) { dispatch_float_types<AttentionBwd>(args); }
+void attention_fwd(const AttentionFwdArgs& args) { dispatch_float_types<AttentionOps>(args); }
+void attention_bwd(const AttentionBwdArgs& args) { dispatch_float_types<AttentionOps>(args); }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace dlfast::cpu
