@@ -199,7 +199,8 @@ struct FloatPath {
 
   // A (heads, L, D) input as Acc rows whose stride is a whole number of vectors: the tensor
   // itself when it already is one, else a widened, zero-padded copy made once per call (so no
-  // block product converts or pads anything).
+  // block product converts or pads anything). output_operand says whether output products read
+  // it too (only the bf16 path keeps a separate copy for them).
   class Input {
    public:
     Input(const T* src, int64_t heads, int64_t L, int64_t D, bool /*output_operand*/) : L_(L) {
