@@ -52,5 +52,59 @@ cudaError_t layer_norm_bwd(const void* dy,       // (M, N) dtype, contiguous
                            size_t workspace_bytes, int64_t M, int64_t N, DType dtype,
                            cudaStream_t stream);
 
+// Sizes and options of one attention call, as in the attention_fwd / attention_bwd schemas
+// (csrc/dlfast.cpp), which define the masking, causal_shift, dropout and lse semantics.
+struct AttentionConfig {
+  int64_t batch;         // B
+  int64_t heads;         // H: query heads
+  int64_t kv_heads;      // Hkv: key/value heads, dividing H (query head h reads h / (H / Hkv))
+  int64_t q_len;         // Lq
+  int64_t k_len;         // Lk
+  int64_t head_dim;      // D: a multiple of 8 in [16, 256]
+  bool causal;           // query i attends key j only if j <= i + causal_shift
+  int64_t causal_shift;  // any value; 0 aligns the diagonal top-left, Lk - Lq bottom-right
+  double scale;          // scores = scale * q.k
+  double dropout_p;      // in [0, 1); 0 = no dropout
+};
+
+// Longest Lq and Lk the attention launchers accept (65535 blocks of 64 rows on a grid axis);
+// they return cudaErrorInvalidValue past it or for any other config outside the ranges above.
+constexpr int64_t kAttentionMaxSeqLen = int64_t(65535) * 64;
+
+// Dynamic shared memory per block that the attention kernels need for this head dim (0 when it
+// is out of range): a device whose opt-in limit is smaller cannot run them.
+size_t attention_smem_bytes(int64_t head_dim);
+
+// Attention forward for fp16 / bf16 (dtype Float32 returns cudaErrorInvalidValue). All tensors
+// contiguous with 16-byte aligned data; all pointers device pointers on the current device.
+cudaError_t attention_fwd(const void* q,                    // (B, H, Lq, D) dtype
+                          const void* k,                    // (B, Hkv, Lk, D) dtype
+                          const void* v,                    // (B, Hkv, Lk, D) dtype
+                          const uint8_t* key_padding_mask,  // (B, Lk) bool, nonzero = attend,
+                                                            // or nullptr
+                          const int64_t* seed,              // 0-dim dropout seed, or nullptr
+                                                            // when dropout_p == 0
+                          void* out,                        // (B, H, Lq, D) dtype, written
+                          float* lse,                       // (B, H, Lq) written: natural-log
+                                                            // logsumexp, +inf for a row with
+                                                            // no allowed key
+                          const AttentionConfig& config, DType dtype, cudaStream_t stream);
+
+// Attention backward: always deterministic (every gradient element is written once, in a
+// fixed summation order). Same layout rules as attention_fwd.
+cudaError_t attention_bwd(const void* dout,                 // (B, H, Lq, D) dtype
+                          const void* q,                    // (B, H, Lq, D) dtype
+                          const void* k,                    // (B, Hkv, Lk, D) dtype
+                          const void* v,                    // (B, Hkv, Lk, D) dtype
+                          const void* out,                  // (B, H, Lq, D) dtype, forward out
+                          const float* lse,                 // (B, H, Lq) from attention_fwd
+                          const uint8_t* key_padding_mask,  // (B, Lk) bool, or nullptr
+                          const int64_t* seed,              // the forward's seed, or nullptr
+                          void* dq,                         // (B, H, Lq, D) dtype, written
+                          void* dk,                         // (B, Hkv, Lk, D) dtype, written
+                          void* dv,                         // (B, Hkv, Lk, D) dtype, written
+                          float* delta,                     // (B, H, Lq) scratch, overwritten
+                          const AttentionConfig& config, DType dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace dlfast
