@@ -3,12 +3,14 @@
 // raw-pointer launchers of csrc/cuda. Built only when torch has CUDA and nvcc is present.
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cuda_runtime_api.h>
 
+#include <climits>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -131,9 +133,160 @@ TensorTriple layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
   return {dx, dweight, dbias};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+void check_attention_tensor(const at::Tensor& t, const char* op, const char* name,
+                            const at::Tensor& q, at::ScalarType type, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(),
+              " like q, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == type, op, ": ", name, " must be ", type, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Checks the arguments the forward and backward share and returns the launchers' config. q sets
+// the device and dtype that every other tensor is checked against.
+dlfast::cuda::AttentionConfig check_attention_args(
+    const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, int64_t causal_shift,
+    double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(q.scalar_type() != at::kFloat, op,
+              ": the CUDA kernel takes float16 or bfloat16 q, k, v; for float32 use "
+              "backend=\"triton\"");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, Lq, D), got shape ", q.sizes());
+  const int64_t B = q.size(0);
+  const int64_t H = q.size(1);
+  const int64_t Lq = q.size(2);
+  const int64_t D = q.size(3);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D, op,
+              ": k must have shape (B, Hkv, Lk, D) with B = ", B, " and D = ", D, ", got ",
+              k.sizes());
+  const int64_t Hkv = k.size(1);
+  const int64_t Lk = k.size(2);
+  check_attention_tensor(q, op, "q", q, q.scalar_type(), q.sizes());
+  check_attention_tensor(k, op, "k", q, q.scalar_type(), k.sizes());
+  check_attention_tensor(v, op, "v", q, q.scalar_type(), k.sizes());
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": the key/value heads (", Hkv,
+              ") must divide the query heads (", H, ")");
+  TORCH_CHECK(D % 8 == 0 && D >= 16 && D <= 256, op,
+              ": head dim must be a multiple of 8 in [16, 256] (dlfast.attention pads other "
+              "head dims), got ",
+              D);
+  TORCH_CHECK(Lq <= dlfast::cuda::kAttentionMaxSeqLen && Lk <= dlfast::cuda::kAttentionMaxSeqLen,
+              op, ": sequence lengths may be at most ", dlfast::cuda::kAttentionMaxSeqLen,
+              ", got Lq = ", Lq, " and Lk = ", Lk);
+  TORCH_CHECK(B * H <= INT_MAX, op, ": B * H must be at most ", INT_MAX, ", got ", B * H);
+  const at::Tensor* mask = defined_or_null(key_padding_mask);
+  if (mask != nullptr) check_attention_tensor(*mask, op, "key_padding_mask", q, at::kBool, {B, Lk});
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+  const at::Tensor* s = defined_or_null(seed);
+  TORCH_CHECK((s != nullptr) == (dropout_p > 0.0), op,
+              ": seed must be given when dropout_p > 0 and only then; dropout_p = ", dropout_p,
+              ", seed ", s != nullptr ? "given" : "None");
+  if (s != nullptr) {
+    TORCH_CHECK(s->dim() == 0 && s->scalar_type() == at::kLong && s->device() == q.device(), op,
+                ": seed must be a 0-dim int64 tensor on ", q.device(), ", got a ",
+                s->scalar_type(), " tensor of shape ", s->sizes(), " on ", s->device());
+  }
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        q.device().index()));
+  const size_t smem = dlfast::cuda::attention_smem_bytes(D);
+  TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), op, ": head dim ", D, " needs ", smem,
+              " bytes of shared memory per block, this GPU allows ", smem_optin,
+              "; use backend=\"triton\"");
+  return {B, H, Hkv, Lq, Lk, D, causal, causal_shift, scale, dropout_p};
+}
+
+// The kernels copy rows in 16-byte chunks. A contiguous tensor can still start off that
+// alignment (a view at an odd offset); such an input is copied, which realigns it.
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
+const uint8_t* mask_ptr(const std::optional<at::Tensor>& key_padding_mask) {
+  const at::Tensor* mask = defined_or_null(key_padding_mask);
+  return mask != nullptr ? static_cast<const uint8_t*>(mask->const_data_ptr()) : nullptr;
+}
+
+const int64_t* seed_ptr(const std::optional<at::Tensor>& seed) {
+  const at::Tensor* s = defined_or_null(seed);
+  return s != nullptr ? s->const_data_ptr<int64_t>() : nullptr;
+}
+
+TensorPair attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                              int64_t causal_shift, double scale, double dropout_p,
+                              const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "dlfast::attention_fwd";
+  const dlfast::cuda::AttentionConfig config = check_attention_args(
+      op, q, k, v, key_padding_mask, causal, causal_shift, scale, dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor q16 = aligned16(q);
+  const at::Tensor k16 = aligned16(k);
+  const at::Tensor v16 = aligned16(v);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({config.batch, config.heads, config.q_len},
+                             q.options().dtype(at::kFloat));
+  const cudaError_t err = dlfast::cuda::attention_fwd(
+      q16.const_data_ptr(), k16.const_data_ptr(), v16.const_data_ptr(),
+      mask_ptr(key_padding_mask), seed_ptr(seed), out.mutable_data_ptr(),
+      lse.mutable_data_ptr<float>(), config,
+      launcher_dtype(q.scalar_type()),
+      c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+  TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+// The backward is always deterministic (no atomics), so `deterministic` changes nothing.
+TensorTriple attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse,
+                                const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                                int64_t causal_shift, double scale, double dropout_p,
+                                const std::optional<at::Tensor>& seed,
+                                bool /*deterministic*/) {
+  constexpr const char* op = "dlfast::attention_bwd";
+  const dlfast::cuda::AttentionConfig config = check_attention_args(
+      op, q, k, v, key_padding_mask, causal, causal_shift, scale, dropout_p, seed);
+  check_attention_tensor(dout, op, "dout", q, q.scalar_type(), q.sizes());
+  check_attention_tensor(out, op, "out", q, q.scalar_type(), q.sizes());
+  check_attention_tensor(lse, op, "lse", q, at::kFloat,
+                         {config.batch, config.heads, config.q_len});
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor dout16 = aligned16(dout);
+  const at::Tensor q16 = aligned16(q);
+  const at::Tensor k16 = aligned16(k);
+  const at::Tensor v16 = aligned16(v);
+  const at::Tensor out16 = aligned16(out);
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::empty_like(k);
+  at::Tensor dv = at::empty_like(v);
+  at::Tensor delta = at::empty_like(lse);
+  const cudaError_t err = dlfast::cuda::attention_bwd(
+      dout16.const_data_ptr(), q16.const_data_ptr(), k16.const_data_ptr(), v16.const_data_ptr(),
+      out16.const_data_ptr(), lse.const_data_ptr<float>(), mask_ptr(key_padding_mask),
+      seed_ptr(seed), dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr(),
+      delta.mutable_data_ptr<float>(), config, launcher_dtype(q.scalar_type()),
+      c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+  TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dlfast, CUDA, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
 }
