@@ -14,7 +14,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 GPU_PY ?= python3
 GPU_OUT ?= $(or $(OUT),build/gpu-check)
 
-.PHONY: test test-python test-triton-interpreted cuda-check bench gpu-check lint clean
+.PHONY: test test-python test-triton-interpreted cuda-check cuda-emulate bench gpu-check lint clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ venv: $(VENV)/.built
 
 .PHONY: venv
 
-test: lint test-python test-triton-interpreted cuda-check
+test: lint test-python test-triton-interpreted cuda-check cuda-emulate
 
 test-python: $(VENV)/.built
 	$(PY) -m pytest -q tests
@@ -56,6 +56,24 @@ cuda-check:
 		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done; \
 	echo "cuda-check: $(words $(CUDA_SOURCES)) CUDA source(s) compiled for sm_80 and sm_90a"
+
+# The CUDA attention kernels run on the CPU in a block emulator (tests/cuda_emulator/): each
+# thread a fiber, warp collectives and the PTX wrappers (ldmatrix, mma, cp.async) in C++, every
+# shared and global access bounds-checked, against a float64 reference. Twice: cp.async copies
+# landing at the last moment (shows a missing wait) and at issue (shows a buffer overwritten
+# while still read). It needs the CUDA headers (cuda_fp16.h), not a GPU.
+CUDA_INCLUDE ?= $(patsubst %/cuda_fp16.h,%,$(firstword $(wildcard $(CUDA_HOME)/include/cuda_fp16.h \
+	/usr/local/cuda/include/cuda_fp16.h $(dir $(shell command -v $(NVCC) 2>/dev/null))../include/cuda_fp16.h)))
+EMU_BUILD := build/cuda-emulate
+cuda-emulate:
+	@if test -z "$(CUDA_INCLUDE)"; then echo "cuda-emulate: CUDA headers not found, skipped"; exit 0; fi; \
+	set -e; mkdir -p $(EMU_BUILD); \
+	$(PYTHON) tests/cuda_emulator/gen.py csrc/cuda/attention.cu $(EMU_BUILD)/attention_emulated.cpp; \
+	g++ -std=c++17 -O2 -include tests/cuda_emulator/emu.h -I$(CUDA_INCLUDE) -Icsrc/cuda -Itests/cuda_emulator \
+		-Wno-deprecated-declarations $(EMU_BUILD)/attention_emulated.cpp tests/cuda_emulator/attention_test.cpp \
+		-o $(EMU_BUILD)/attention_test; \
+	$(EMU_BUILD)/attention_test | tail -1; \
+	EMU_EAGER=1 $(EMU_BUILD)/attention_test | tail -1
 
 bench: $(VENV)/.built
 	$(PY) -m dlfast bench --json build/bench/$$(hostname).json

@@ -76,7 +76,8 @@ __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers. ldmatrix and cp.async are volatile so they keep their place relative to the
-// barriers around them.
+// barriers around them. tests/cuda_emulator/gen.py swaps everything from smem_addr up to "Two
+// floats rounded to T" for the C++ versions in tests/cuda_emulator/emu_ptx.inc.
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
