@@ -29,4 +29,6 @@ def test_bench_quick_writes_a_report(tmp_path, op, passes):
     for row in rows:
         assert row["median_ms"] > 0 and (row["gbps"] or row["tflops"]) > 0, row
         assert row["frac_of_limit"] > 0, row
+    if op == "attention":
+        assert report["meta"]["matmul_tflops"]
         assert row["vs_torch"] > 0, row

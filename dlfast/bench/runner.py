@@ -498,6 +498,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {text}")
     print(f"({meta['seconds']} s)")
 
+    meta["matmul_tflops"] = {
+        str(dtype).removeprefix("torch."): tflops for dtype, tflops in _MATMUL_TFLOPS.items()
+    }
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
