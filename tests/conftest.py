@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,3 +88,19 @@ def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
     if backend == "triton" and device == "cpu":
         return [torch.float32, torch.float16]
     return [torch.float32, torch.float16, torch.bfloat16]
+
+
+CPU_ISA_LEVELS = ("default", "avx2", "avx512")
+
+
+def run_on_cpu_isa(isa: str, script: str) -> None:
+    """Runs `script` in a fresh process whose CPU kernels are the `isa` build (ATEN_CPU_CAPABILITY
+    picks it at load), with tests/ importable; skips levels above this CPU's, fails on an error."""
+    this_cpu = torch.backends.cpu.get_cpu_capability().lower()
+    if this_cpu in CPU_ISA_LEVELS and CPU_ISA_LEVELS.index(isa) > CPU_ISA_LEVELS.index(this_cpu):
+        pytest.skip(f"this CPU tops out at {this_cpu}")
+    script = f"import dlfast._C\nassert dlfast._C.cpu_isa == {isa.upper()!r}, dlfast._C.cpu_isa\n" + script
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr

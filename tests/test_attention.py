@@ -8,14 +8,10 @@ error happens to be near zero.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, dtypes_for, skip_reason, tol
+from conftest import CPU_ISA_LEVELS, TOLERANCES, dtypes_for, run_on_cpu_isa, skip_reason, tol
 
 import dlfast
 from dlfast import reference
@@ -360,26 +356,18 @@ def test_bad_input_names_the_argument(call, error, match):
 
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", CPU_ISA_LEVELS)
 def test_every_cpu_isa_variant(isa):
     """Each CPU kernel build (chosen at run time, forced here by ATEN_CPU_CAPABILITY) is correct."""
-    levels = ["default", "avx2", "avx512"]
-    this_cpu = torch.backends.cpu.get_cpu_capability().lower()
-    if this_cpu in levels and levels.index(isa) > levels.index(this_cpu):
-        pytest.skip(f"this CPU tops out at {this_cpu}")
-    script = (
-        "import torch, dlfast, dlfast._C\n"
+    run_on_cpu_isa(
+        isa,
+        "import torch\n"
         "from test_attention import CASES, make_inputs, assert_within_twice_torch_error\n"
-        f"assert dlfast._C.cpu_isa == {isa.upper()!r}, dlfast._C.cpu_isa\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    for case in CASES[:6]:\n"
         "        q, k, v, dout, kwargs = make_inputs(case, dtype, 'cpu')\n"
-        "        assert_within_twice_torch_error('cpu', q, k, v, dout, dropout_p=0.2, **kwargs)\n"
+        "        assert_within_twice_torch_error('cpu', q, k, v, dout, dropout_p=0.2, **kwargs)\n",
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
-    assert done.returncode == 0, done.stderr
 
 
 def test_autocast_runs_in_the_autocast_dtype_like_sdpa(attention_backend):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import dtypes_for, grad_tol, skip_reason, tol
+from conftest import CPU_ISA_LEVELS, dtypes_for, grad_tol, run_on_cpu_isa, skip_reason, tol
 
 import dlfast
 from dlfast import reference
@@ -202,26 +199,18 @@ def test_layer_norm_matches_torch_nn_functional_signature():
 
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", CPU_ISA_LEVELS)
 def test_every_cpu_isa_variant(isa):
     """Each CPU kernel build (chosen at run time, forced here by ATEN_CPU_CAPABILITY) is correct."""
-    levels = ["default", "avx2", "avx512"]
-    this_cpu = torch.backends.cpu.get_cpu_capability().lower()
-    if this_cpu in levels and levels.index(isa) > levels.index(this_cpu):
-        pytest.skip(f"this CPU tops out at {this_cpu}")
-    script = (
-        "import torch, dlfast, dlfast._C\n"
+    run_on_cpu_isa(
+        isa,
+        "import torch\n"
         "from test_layer_norm import make_inputs, check_against_reference\n"
-        f"assert dlfast._C.cpu_isa == {isa.upper()!r}, dlfast._C.cpu_isa\n"
         "for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
         "    for shape in ((5, 1023), (3, 7), (2, 4096)):\n"
         "        x, w, b = make_inputs(shape, shape[1:], dtype, 'cpu')\n"
-        "        check_against_reference('cpu', x, shape[1:], w, b)\n"
+        "        check_against_reference('cpu', x, shape[1:], w, b)\n",
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
-    assert done.returncode == 0, done.stderr
 
 
 def test_weight_gradients_are_deterministic(backend_device):

@@ -18,11 +18,9 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dlfast
-from dlfast import backends
-from dlfast.bench.runner import Case, Impl, Timed, Work
+from dlfast.bench.runner import Case, Impl, Timed, Work, dlfast_impls
 
 PASSES = ("fwd", "fwd+bwd")
-KERNEL_BACKENDS = ("cuda", "triton", "cpu")
 GPU_TOKENS, GPU_HIDDEN = 16384, 2048
 
 # Relative error (2-norm) against SDPA in fp32 from the same rounded inputs before a result counts
@@ -111,17 +109,7 @@ def _dlfast(backend: str) -> Callable:
 def implementations(device: torch.device, note: Callable[[str], None]) -> list[Impl]:
     """dlfast's kernel backends that run on `device`, then the peers: SDPA as dispatched ("torch"),
     each SDPA backend forced (CUDA), FlexAttention (CUDA) and the naive composite (CPU)."""
-    impls = []
-    for name in KERNEL_BACKENDS:
-        if not backends.runs_on(name, device):
-            continue
-        reason = backends.unavailable_reason(name)
-        if reason is not None:
-            note(f"dlfast backend {name} not benchmarked: {reason}")
-        elif name == "triton" and device.type == "cpu":
-            note("dlfast backend triton not benchmarked on the CPU: TRITON_INTERPRET=1 is a debugging aid")
-        else:
-            impls.append(Impl(name, "dlfast", functools.partial(_dlfast, name)))
+    impls = dlfast_impls(device, note, _dlfast)
     impls.append(Impl("torch", "peer", lambda: _sdpa(None)))
     if device.type == "cuda":
         for name, sdpa_backend in (

@@ -15,14 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import dlfast
-from dlfast import backends
-from dlfast.bench.runner import Case, Impl, Timed, Work
+from dlfast.bench.runner import Case, Impl, Timed, Work, dlfast_impls
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 EPS = 1e-5
 WIDTHS = (512, 1024, 2048, 4096, 8192, 16384)
 DTYPES = (torch.bfloat16, torch.float32)
-KERNEL_BACKENDS = ("cuda", "triton", "cpu")  # "reference" is slow by design; "torch" is the eager peer
 
 # Relative error (in the 2-norm) allowed against F.layer_norm computed in fp32 from the same
 # rounded inputs before a result counts as wrong. This guards against timing a broken kernel; it
@@ -104,17 +102,7 @@ def _quack() -> Callable:
 def implementations(device: torch.device, note: Callable[[str], None]) -> list[Impl]:
     """dlfast's kernel backends that run on `device`, then the peers: eager and compiled
     F.layer_norm, and Liger's and QuACK's LayerNorm where they are installed (CUDA only)."""
-    impls = []
-    for name in KERNEL_BACKENDS:
-        if not backends.runs_on(name, device):
-            continue
-        reason = backends.unavailable_reason(name)
-        if reason is not None:
-            note(f"dlfast backend {name} not benchmarked: {reason}")
-        elif name == "triton" and device.type == "cpu":
-            note("dlfast backend triton not benchmarked on the CPU: TRITON_INTERPRET=1 is a debugging aid")
-        else:
-            impls.append(Impl(name, "dlfast", functools.partial(_dlfast, name)))
+    impls = dlfast_impls(device, note, _dlfast)
     impls.append(Impl("torch", "peer", lambda: _torch_layer_norm))
     impls.append(Impl("torch.compile", "peer", _compiled_torch_layer_norm))
     if device.type == "cuda":

@@ -88,6 +88,28 @@ class Impl:
     options: dict = field(default_factory=dict)
 
 
+def dlfast_impls(
+    device: torch.device, note: Callable[[str], None], make: Callable[[str], Callable]
+) -> list[Impl]:
+    """An Impl per dlfast kernel backend ("cuda", "triton", "cpu") that runs on `device`, each
+    made by make(backend); note() says why one is left out. The reference backend is slow by
+    design and "torch" is the eager peer, so neither is listed."""
+    from dlfast import backends
+
+    impls = []
+    for name in ("cuda", "triton", "cpu"):
+        if not backends.runs_on(name, device):
+            continue
+        reason = backends.unavailable_reason(name)
+        if reason is not None:
+            note(f"dlfast backend {name} not benchmarked: {reason}")
+        elif name == "triton" and device.type == "cpu":
+            note("dlfast backend triton not benchmarked on the CPU: TRITON_INTERPRET=1 is a debugging aid")
+        else:
+            impls.append(Impl(name, "dlfast", functools.partial(make, name)))
+    return impls
+
+
 @dataclass
 class Timed:
     """A callable to time; the gradients of `grads` are set to None before every call (outside
