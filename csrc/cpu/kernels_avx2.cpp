@@ -2,6 +2,7 @@
 // setuptools has no per-file compiler flags, so instead of -mavx2 this file sets the
 // target by pragma; GCC's pragma does not define the ISA macros that ATen's and
 // Sleef's headers test, so they are defined here as -mavx2 -mfma -mf16c would.
+#include "isa_prelude.h"  // first: see there why
 #pragma GCC target("avx,avx2,fma,f16c")
 #define __AVX__ 1
 #define __AVX2__ 1

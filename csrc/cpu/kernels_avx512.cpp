@@ -1,6 +1,7 @@
 // The CPU kernels for AVX-512 CPUs (the F, BW, VL and DQ subsets ATen's AVX512 level
 // requires), selected at run time by cpu_isa(). See kernels_avx2.cpp for why the ISA
 // is set by pragma and macros.
+#include "isa_prelude.h"  // first: see there why
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 #define __AVX__ 1
 #define __AVX2__ 1

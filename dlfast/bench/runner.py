@@ -144,6 +144,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a small subset, for a smoke test in CI")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write rows and metadata here")
+    parser.add_argument(
+        "--only",
+        metavar="DIM=SIZE",
+        action="append",
+        default=[],
+        help="only the cases whose shape has this size, e.g. --only D=128 (repeatable)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,9 +395,18 @@ def _time_case(
 
 
 def _bench_op(
-    op: str, device: torch.device, quick: bool, copy_gbps: float, notes: list[str]
-) -> tuple[list[dict], int]:
-    """Runs every case of `op`; returns (rows, number of dlfast implementations that failed)."""
+    op: str,
+    device: torch.device,
+    quick: bool,
+    copy_gbps: float,
+    notes: list[str],
+    rows: list[dict],
+    after_case: Callable[[], None],
+    only: list[tuple[str, str]] = (),
+) -> int:
+    """Runs every case of `op`, appending to `rows` and calling after_case() after each case;
+    returns the number of dlfast implementations that failed. `only`: (dim, size) pairs a case's
+    shape must match."""
 
     def note(text: str) -> None:
         notes.append(f"{op}: {text}")
@@ -400,8 +416,9 @@ def _bench_op(
     impls = module.implementations(device, note)
     disabled: set[str] = set()
     failures = 0
-    rows: list[dict] = []
     for case in module.cases(device, quick):
+        if any(str(case.shape.get(dim)) != size for dim, size in only):
+            continue
         where = f"{str(case.dtype).removeprefix('torch.')} {case.label()}"
         print(f"{op} {where} ...", file=sys.stderr, flush=True)
         live = [impl for impl in impls if impl.name not in disabled]
@@ -419,11 +436,12 @@ def _bench_op(
                 note(f"peer {name} skipped from {where} on: {result!r}")
         kinds = {impl.name: impl.kind for impl in live}
         rows += _time_case(module, op, case, ready, kinds, device, quick, copy_gbps)
+        after_case()
         # Free this case's tensors before the next case allocates its own.
         del ready
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, failures
+    return failures
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -488,6 +506,13 @@ def run(args: argparse.Namespace) -> int:
         print("error: --device cuda, but torch sees no CUDA GPU here", file=sys.stderr)
         return 2
     ops = list(OPS) if args.op == "all" else [args.op]
+    try:
+        only = [tuple(item.split("=", 1)) for item in args.only]
+        if any(len(pair) != 2 for pair in only):
+            raise ValueError
+    except ValueError:
+        print(f"error: --only takes DIM=SIZE, got {args.only}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
 
     meta = metadata(device, args.quick)
@@ -504,11 +529,26 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[dict] = []
     notes: list[str] = []
+
+    def save(complete: bool) -> None:
+        """Writes the JSON so far: a run stopped by a time limit still leaves its finished cases."""
+        if not args.json:
+            return
+        meta["complete"] = complete
+        meta["seconds"] = round(time.perf_counter() - started, 1)
+        meta["matmul_tflops"] = {
+            str(dtype).removeprefix("torch."): tflops for dtype, tflops in _MATMUL_TFLOPS.items()
+        }
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {"schema": SCHEMA, "meta": meta, "notes": notes, "rows": rows}
+        path.write_text(json.dumps(document, indent=1) + "\n")
+
     failures = 0
     for op in ops:
-        op_rows, op_failures = _bench_op(op, device, args.quick, copy_gbps, notes)
-        rows += op_rows
-        failures += op_failures
+        failures += _bench_op(
+            op, device, args.quick, copy_gbps, notes, rows, functools.partial(save, False), only
+        )
     meta["seconds"] = round(time.perf_counter() - started, 1)
 
     print(
@@ -520,15 +560,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {text}")
     print(f"({meta['seconds']} s)")
 
-    meta["matmul_tflops"] = {
-        str(dtype).removeprefix("torch."): tflops for dtype, tflops in _MATMUL_TFLOPS.items()
-    }
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        document = {"schema": SCHEMA, "meta": meta, "notes": notes, "rows": rows}
-        path.write_text(json.dumps(document, indent=1) + "\n")
-        print(f"wrote {path}")
+        save(True)
+        print(f"wrote {args.json}")
     if failures:
         print(f"error: {failures} dlfast implementation(s) failed; see the notes", file=sys.stderr)
         return 1

@@ -155,6 +155,10 @@ def layer_norm(
         return reference.layer_norm(x, shape, weight, bias, eps)
     if name in ("triton", "cuda") and x.dtype == torch.float64:
         raise TypeError(f"layer_norm: the {name} backend takes float32, float16 and bfloat16, not float64")
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        # PyTorch runs layer_norm in float32 under CUDA autocast. Cast x here, before the
+        # parameters are cast to x's dtype below, so float32 parameters are not rounded first.
+        x = x.float()
     N = math.prod(shape)
     if x.numel() == 0 or N == 0:
         # Nothing to normalise: let PyTorch produce the (empty) result and its graph.
