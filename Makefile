@@ -14,14 +14,14 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 GPU_PY ?= python3
 GPU_OUT ?= $(or $(OUT),build/gpu-check)
 
-.PHONY: test test-python test-triton-interpreted cuda-check cuda-emulate bench gpu-check lint clean
+.PHONY: test test-python test-triton-interpreted cuda-check cuda-bindings-check cuda-emulate bench gpu-check lint clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# Exactly this torch (the CPU wheel on these machines); any other spec could pull CUDA builds.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy "triton>=3.6" expecttest ruff
+	$(PY) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy "triton>=3.6" expecttest ruff tqdm
 	touch $@
 
 # The editable install builds dlfast._C against the venv's torch (no build isolation, see setup.py).
@@ -33,7 +33,7 @@ venv: $(VENV)/.built
 
 .PHONY: venv
 
-test: lint test-python test-triton-interpreted cuda-check cuda-emulate
+test: lint test-python test-triton-interpreted cuda-check cuda-bindings-check cuda-emulate
 
 test-python: $(VENV)/.built
 	$(PY) -m pytest -q tests
@@ -57,23 +57,39 @@ cuda-check:
 	done; \
 	echo "cuda-check: $(words $(CUDA_SOURCES)) CUDA source(s) compiled for sm_80 and sm_90a"
 
-# The CUDA attention kernels run on the CPU in a block emulator (tests/cuda_emulator/): each
-# thread a fiber, warp collectives and the PTX wrappers (ldmatrix, mma, cp.async) in C++, every
-# shared and global access bounds-checked, against a float64 reference. Twice: cp.async copies
-# landing at the last moment (shows a missing wait) and at issue (shows a buffer overwritten
-# while still read). It needs the CUDA headers (cuda_fp16.h), not a GPU.
+# csrc/cuda_ops.cpp (the CUDA bindings) needs c10/cuda headers, which the CPU build of torch ships
+# without the generated c10/cuda/impl/cuda_cmake_macros.h: with an empty stand-in for that one
+# file, g++ type-checks the bindings against the installed torch, with no GPU and no CUDA torch.
+cuda-bindings-check: $(VENV)/.deps
+	@if test -z "$(CUDA_INCLUDE)"; then echo "cuda-bindings-check: CUDA headers not found, skipped"; exit 0; fi; \
+	set -e; mkdir -p build/stub/c10/cuda/impl; echo '#pragma once' > build/stub/c10/cuda/impl/cuda_cmake_macros.h; \
+	g++ -std=c++17 -fsyntax-only -Wall -Wno-c++20-extensions -Ibuild/stub \
+		$$($(PY) -c 'from torch.utils import cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))') \
+		-I$(CUDA_INCLUDE) -Icsrc csrc/cuda_ops.cpp; \
+	echo "cuda-bindings-check: csrc/cuda_ops.cpp type-checks against torch $$($(PY) -c 'import torch; print(torch.__version__)')"
+
+# The CUDA kernels (attention, conv2d_relu, ngram_counts) run on the CPU in a block emulator
+# (tests/cuda_emulator/): each thread a fiber, warp collectives and the PTX wrappers (ldmatrix,
+# mma, cp.async) in C++, every shared and global access bounds-checked, against a float64
+# reference. Twice: cp.async copies landing at the last moment (shows a missing wait) and at
+# issue (shows a buffer overwritten while still read). It needs the CUDA headers (cuda_fp16.h),
+# not a GPU.
 CUDA_INCLUDE ?= $(patsubst %/cuda_fp16.h,%,$(firstword $(wildcard $(CUDA_HOME)/include/cuda_fp16.h \
 	/usr/local/cuda/include/cuda_fp16.h $(dir $(shell command -v $(NVCC) 2>/dev/null))../include/cuda_fp16.h)))
 EMU_BUILD := build/cuda-emulate
+EMU_KERNELS := attention conv2d_relu ngram_counts
 cuda-emulate:
 	@if test -z "$(CUDA_INCLUDE)"; then echo "cuda-emulate: CUDA headers not found, skipped"; exit 0; fi; \
-	set -e; mkdir -p $(EMU_BUILD); \
-	$(PYTHON) tests/cuda_emulator/gen.py csrc/cuda/attention.cu $(EMU_BUILD)/attention_emulated.cpp; \
-	g++ -std=c++17 -O2 -include tests/cuda_emulator/emu.h -I$(CUDA_INCLUDE) -Icsrc/cuda -Itests/cuda_emulator \
-		-Wno-deprecated-declarations $(EMU_BUILD)/attention_emulated.cpp tests/cuda_emulator/attention_test.cpp \
-		-o $(EMU_BUILD)/attention_test; \
-	$(EMU_BUILD)/attention_test | tail -1; \
-	EMU_EAGER=1 $(EMU_BUILD)/attention_test | tail -1
+	set -e -o pipefail; mkdir -p $(EMU_BUILD); \
+	for k in $(EMU_KERNELS); do \
+		$(PYTHON) tests/cuda_emulator/gen.py csrc/cuda/$$k.cu $(EMU_BUILD)/$${k}_emulated.cpp; \
+		g++ -std=c++17 -O2 -include tests/cuda_emulator/emu.h -I$(CUDA_INCLUDE) -Icsrc/cuda \
+			-Itests/cuda_emulator -Wno-deprecated-declarations $(EMU_BUILD)/$${k}_emulated.cpp \
+			tests/cuda_emulator/$${k}_test.cpp -o $(EMU_BUILD)/$${k}_test; \
+		r=$$($(EMU_BUILD)/$${k}_test | tail -1) || { echo "$$k: $$r"; exit 1; }; echo "$$k: $$r"; \
+		r=$$(EMU_EAGER=1 $(EMU_BUILD)/$${k}_test | tail -1) || { echo "$$k (EMU_EAGER=1): $$r"; exit 1; }; \
+		echo "$$k (EMU_EAGER=1): $$r"; \
+	done
 
 bench: $(VENV)/.built
 	$(PY) -m dlfast bench --json build/bench/$$(hostname).json

@@ -10,10 +10,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <climits>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cuda/launchers.h"
 
@@ -282,6 +285,242 @@ TensorTriple attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, con
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------------------------
+// N-gram counting
+
+at::Tensor ngram_counts_cuda(at::Tensor& counts, const at::Tensor& tokens, int64_t vocab_size,
+                             int64_t n, std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "dlfast::ngram_counts_";
+  TORCH_CHECK(tokens.is_cuda(), op, ": tokens must be a CUDA tensor, got device ",
+              tokens.device());
+  dlfast::cuda::TokenDType dtype;
+  switch (tokens.scalar_type()) {
+    case at::kByte:
+      dtype = dlfast::cuda::TokenDType::UInt8;
+      break;
+    case at::kShort:
+      dtype = dlfast::cuda::TokenDType::Int16;
+      break;
+    case at::kInt:
+      dtype = dlfast::cuda::TokenDType::Int32;
+      break;
+    case at::kLong:
+      dtype = dlfast::cuda::TokenDType::Int64;
+      break;
+    default:
+      TORCH_CHECK(false, op, ": tokens must be uint8, int16, int32 or int64, got ",
+                  tokens.scalar_type());
+  }
+  TORCH_CHECK(tokens.dim() == 2, op, ": tokens must be 2-D (rows, L), got shape ",
+              tokens.sizes());
+  TORCH_CHECK(tokens.is_contiguous(), op, ": tokens must be contiguous");
+  TORCH_CHECK(n >= 1 && n <= 3, op, ": n must be 1, 2 or 3, got ", n);
+  TORCH_CHECK(vocab_size >= 1, op, ": vocab_size must be >= 1, got ", vocab_size);
+  int64_t bins = 1;
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK(bins <= INT64_MAX / vocab_size, op,
+                ": vocab_size ** n overflows int64 (vocab_size ", vocab_size, ", n ", n, ")");
+    bins *= vocab_size;
+  }
+  TORCH_CHECK(counts.device() == tokens.device(), op, ": counts must be on ", tokens.device(),
+              " like tokens, got ", counts.device());
+  TORCH_CHECK(counts.scalar_type() == at::kLong, op, ": counts must be int64, got ",
+              counts.scalar_type());
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == bins, op, ": counts must have shape (", bins,
+              ",) (vocab_size ** n), got ", counts.sizes());
+  TORCH_CHECK(counts.is_contiguous(), op, ": counts must be contiguous");
+
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  // Written by the launcher on the stream (-1 when no token is out of range): no host sync.
+  at::Tensor bad_position = at::empty({}, tokens.options().dtype(at::kLong));
+  const cudaError_t err = dlfast::cuda::ngram_counts(
+      tokens.const_data_ptr(), dtype, tokens.size(0), tokens.size(1), vocab_size,
+      static_cast<int>(n), ignore_index.has_value(), ignore_index.value_or(0),
+      counts.mutable_data_ptr<int64_t>(), bad_position.mutable_data_ptr<int64_t>(),
+      c10::cuda::getCurrentCUDAStream(tokens.device().index()).stream());
+  TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  return bad_position;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conv2d + bias + ReLU
+
+// The conv's memory format, as F.conv2d picks it: channels_last iff x or weight suggests it.
+at::MemoryFormat conv_memory_format(const at::Tensor& x, const at::Tensor& weight) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                 weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// A (h, w) pair whose entries are all at least `min`.
+void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must be an (h, w) pair, got ", v);
+  TORCH_CHECK(v[0] >= min && v[1] >= min, op, ": ", name, " must be >= ", min, ", got ", v);
+}
+
+// Checks x, weight and the conv arguments that the forward and the backward share, and returns
+// the launchers' config. x sets the device and dtype every other tensor is checked against.
+dlfast::cuda::Conv2dConfig check_conv2d_args(const char* op, const at::Tensor& x,
+                                             const at::Tensor& weight, at::IntArrayRef stride,
+                                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             int64_t groups) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.scalar_type() != at::kDouble, op,
+              ": the CUDA kernels take float32, float16 or bfloat16; for float64 use "
+              "backend=\"reference\" (plain PyTorch)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (K, C / groups, R, S), got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(),
+              " like x, got ", weight.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must be ", x.scalar_type(),
+              " like x, got ", weight.scalar_type());
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  const int64_t C = x.size(1);
+  const int64_t K = weight.size(0);
+  TORCH_CHECK(C >= 1 && C % groups == 0, op, ": groups (", groups,
+              ") must divide the input channels, got C = ", C);
+  TORCH_CHECK(K >= 1 && K % groups == 0, op, ": groups (", groups,
+              ") must divide the output channels, got K = ", K);
+  TORCH_CHECK(weight.size(1) * groups == C && weight.size(2) >= 1 && weight.size(3) >= 1, op,
+              ": weight must have shape (K, C / groups, R, S) with C / groups = ", C / groups,
+              ", got ", weight.sizes());
+  const dlfast::cuda::Conv2dConfig config{
+      x.size(0), C,         x.size(2),  x.size(3),  K,           weight.size(2), weight.size(3),
+      stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],    groups};
+  const int64_t P = dlfast::cuda::conv2d_out_size(config.height, config.kernel_h,
+                                                  config.stride_h, config.pad_h, config.dil_h);
+  const int64_t Q = dlfast::cuda::conv2d_out_size(config.width, config.kernel_w,
+                                                  config.stride_w, config.pad_w, config.dil_w);
+  TORCH_CHECK(P >= 1 && Q >= 1, op, ": the dilated kernel (", weight.size(2), ", ",
+              weight.size(3), ") with dilation ", dilation, " does not fit the padded input (",
+              x.size(2), ", ", x.size(3), ") + 2 * ", padding, ": output size (", P, ", ", Q,
+              ")");
+  // The kernels index within an image and a filter in 32 bits (launchers.h).
+  constexpr int64_t kMaxDim = dlfast::cuda::kConv2dMaxDim;
+  const int64_t RS = config.kernel_h * config.kernel_w;
+  TORCH_CHECK(config.height + 2 * config.pad_h <= kMaxDim &&
+                  config.width + 2 * config.pad_w <= kMaxDim &&
+                  config.height * config.width <= kMaxDim && P * Q <= kMaxDim &&
+                  RS * (C / groups) <= kMaxDim && RS * (K / groups) <= kMaxDim &&
+                  stride[0] <= kMaxDim && stride[1] <= kMaxDim && dilation[0] <= kMaxDim &&
+                  dilation[1] <= kMaxDim,
+              op, ": per-image sizes (H, W, P, Q, padded extents) and R * S * channels per "
+              "group must be at most ", kMaxDim);
+  TORCH_CHECK(x.numel() < dlfast::cuda::kConv2dMaxElements &&
+                  weight.numel() < dlfast::cuda::kConv2dMaxElements &&
+                  x.size(0) * K * P * Q < dlfast::cuda::kConv2dMaxElements,
+              op, ": x, weight and y must have fewer than ", dlfast::cuda::kConv2dMaxElements,
+              " elements");
+  return config;
+}
+
+at::Tensor conv2d_relu_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups) {
+  constexpr const char* op = "dlfast::conv2d_relu_fwd";
+  const dlfast::cuda::Conv2dConfig config =
+      check_conv2d_args(op, x, weight, stride, padding, dilation, groups);
+  const at::Tensor* b = defined_or_null(bias);
+  if (b != nullptr) {
+    TORCH_CHECK(b->device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ",
+                b->device());
+    TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": bias must be ", x.scalar_type(),
+                " like x, got ", b->scalar_type());
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == config.out_channels, op,
+                ": bias must have shape (", config.out_channels, ",), got ", b->sizes());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t P = dlfast::cuda::conv2d_out_size(config.height, config.kernel_h,
+                                                  config.stride_h, config.pad_h, config.dil_h);
+  const int64_t Q = dlfast::cuda::conv2d_out_size(config.width, config.kernel_w,
+                                                  config.stride_w, config.pad_w, config.dil_w);
+  // The kernels work in NHWC / KRSC, which is channels_last for both.
+  at::Tensor y = at::empty({config.batch, config.out_channels, P, Q},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() > 0) {
+    const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor w_krsc = weight.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor b_contig = b != nullptr ? b->contiguous() : at::Tensor();
+    const cudaError_t err = dlfast::cuda::conv2d_relu_fwd(
+        x_nhwc.const_data_ptr(), w_krsc.const_data_ptr(),
+        b != nullptr ? b_contig.const_data_ptr() : nullptr, y.mutable_data_ptr(), config,
+        launcher_dtype(x.scalar_type()),
+        c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  }
+  return y.contiguous(conv_memory_format(x, weight));
+}
+
+TensorTriple conv2d_relu_bwd_cuda(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& x,
+                                  const at::Tensor& weight, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "dlfast::conv2d_relu_bwd";
+  const dlfast::cuda::Conv2dConfig config =
+      check_conv2d_args(op, x, weight, stride, padding, dilation, groups);
+  const int64_t P = dlfast::cuda::conv2d_out_size(config.height, config.kernel_h,
+                                                  config.stride_h, config.pad_h, config.dil_h);
+  const int64_t Q = dlfast::cuda::conv2d_out_size(config.width, config.kernel_w,
+                                                  config.stride_w, config.pad_w, config.dil_w);
+  const std::vector<int64_t> y_shape{config.batch, config.out_channels, P, Q};
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dy, "dy"},
+                                std::pair<const at::Tensor&, const char*>{y, "y"}}) {
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+                " like x, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must be ",
+                x.scalar_type(), " like x, got ", t.scalar_type());
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(y_shape), op, ": ", name,
+                " must have the forward output's shape ", at::IntArrayRef(y_shape), ", got ",
+                t.sizes());
+  }
+  const bool want_dx = output_mask[0];
+  const bool want_dweight = output_mask[1];
+  const bool want_dbias = output_mask[2];
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto channels_last = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  // Gradients that are not wanted come back as (0,) tensors and are not computed.
+  at::Tensor dx = want_dx ? at::empty(x.sizes(), channels_last) : at::empty({0}, x.options());
+  at::Tensor dweight =
+      want_dweight ? at::empty(weight.sizes(), channels_last) : at::empty({0}, x.options());
+  at::Tensor dbias = at::empty({want_dbias ? config.out_channels : 0}, x.options());
+  if (want_dx || want_dweight || want_dbias) {
+    const at::Tensor dy_nhwc = dy.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor y_nhwc = y.contiguous(at::MemoryFormat::ChannelsLast);
+    // Only dweight reads x and only dx reads the weight.
+    const at::Tensor x_nhwc =
+        want_dweight ? x.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+    const at::Tensor w_krsc =
+        want_dx ? weight.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+    const dlfast::cuda::DType dtype = launcher_dtype(x.scalar_type());
+    const size_t ws_bytes = dlfast::cuda::conv2d_relu_bwd_workspace_bytes(
+        config, dtype, want_dx, want_dweight, want_dbias);
+    at::Tensor workspace =
+        at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+    const cudaError_t err = dlfast::cuda::conv2d_relu_bwd(
+        dy_nhwc.const_data_ptr(), y_nhwc.const_data_ptr(),
+        want_dweight ? x_nhwc.const_data_ptr() : nullptr,
+        want_dx ? w_krsc.const_data_ptr() : nullptr, want_dx ? dx.mutable_data_ptr() : nullptr,
+        want_dweight ? dweight.mutable_data_ptr() : nullptr,
+        want_dbias ? dbias.mutable_data_ptr() : nullptr,
+        ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, ws_bytes, config, dtype,
+        c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
+  }
+  const at::MemoryFormat fmt = conv_memory_format(x, weight);
+  return {want_dx ? dx.contiguous(fmt) : dx, want_dweight ? dweight.contiguous(fmt) : dweight,
+          dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dlfast, CUDA, m) {
@@ -289,4 +528,7 @@ TORCH_LIBRARY_IMPL(dlfast, CUDA, m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
   m.impl("attention_fwd", &attention_fwd_cuda);
   m.impl("attention_bwd", &attention_bwd_cuda);
+  m.impl("conv2d_relu_fwd", &conv2d_relu_fwd_cuda);
+  m.impl("conv2d_relu_bwd", &conv2d_relu_bwd_cuda);
+  m.impl("ngram_counts_", &ngram_counts_cuda);
 }

@@ -43,6 +43,37 @@ TORCH_LIBRARY(dlfast, m) {
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
       " Tensor? key_padding_mask, bool causal, int causal_shift, float scale, float dropout_p,"
       " Tensor? seed, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // Conv2d + bias + ReLU: y = relu(conv2d(x, weight, bias, stride, padding, dilation, groups)).
+  // x: (N, C, H, W); weight: (K, C / groups, R, S); bias: (K,) or None; one float dtype, any
+  // strides. stride, dilation >= 1 and padding >= 0 are (h, w) pairs, the padding symmetric
+  // (dlfast/ops/conv2d_relu.py turns 'same' into this, padding x first where 'same' is
+  // asymmetric). groups divides C and K. P = (H + 2 pad_h - dil_h (R - 1) - 1) / stride_h + 1,
+  // Q likewise, both >= 1. The conv's memory format is channels_last iff x or weight suggests
+  // it (Tensor::suggest_memory_format), as for F.conv2d; y (N, K, P, Q) is in x's dtype and
+  // that memory format. Accumulation in float32 (float64 for float64).
+  m.def(
+      "conv2d_relu_fwd(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding,"
+      " int[2] dilation, int groups) -> Tensor");
+  // dy: (N, K, P, Q), any strides; y: the forward's output, whose positives are the ReLU mask:
+  // the kernels read g = (y > 0 ? dy : 0) as they load dy, never storing g. Returns dx (shape of
+  // x), dweight (shape of weight), dbias (K,), all in x's dtype and dx, dweight in the conv's
+  // memory format; an output whose output_mask entry is false comes back as an empty (0,)
+  // tensor and is not computed.
+  m.def(
+      "conv2d_relu_bwd(Tensor dy, Tensor y, Tensor x, Tensor weight, int[2] stride,"
+      " int[2] padding, int[2] dilation, int groups, bool[3] output_mask)"
+      " -> (Tensor, Tensor, Tensor)");
+  // N-gram counting: adds into `counts` how often each n-gram of adjacent tokens occurs.
+  // tokens: (rows, L) contiguous, uint8, int16, int32 or int64; n-grams never cross rows.
+  // counts: (vocab_size ** n,) int64 contiguous, on tokens' device; the n-gram (t0, ..., tn-1)
+  // adds 1 at ((t0 * V + t1) * V + ...) + tn-1 (n = 1: unigram, 2: bigram, 3: trigram). An
+  // n-gram containing a token equal to ignore_index is skipped. A token outside
+  // [0, vocab_size) that is not ignore_index is never used as an index: the n-grams that
+  // contain it are skipped. Returns a 0-dim int64 tensor on tokens' device: the smallest flat
+  // position (row * L + col) of such a token, or -1 when there is none (the caller raises).
+  m.def(
+      "ngram_counts_(Tensor(a!) counts, Tensor tokens, int vocab_size, int n,"
+      " int? ignore_index) -> Tensor");
 }
 
 // `import dlfast._C` loads this library, which runs the registrations above. The module

@@ -1,4 +1,4 @@
-"""The dlfast command line: `python -m dlfast info | bench`."""
+"""The dlfast command line: `python -m dlfast info | bench | train`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,18 @@ def main(argv: list[str] | None = None) -> int:
     from dlfast.bench.runner import add_arguments
 
     add_arguments(bench)
+    train = sub.add_parser("train", help="train a course model on real data (short recipe)")
+    from dlfast import train as train_recipes
+
+    train_recipes.add_arguments(train)
     args = parser.parse_args(argv)
     if args.command == "info":
         from dlfast.info import format_info, info
 
         print(format_info(info()))
         return 0
+    if args.command == "train":
+        return train_recipes.run(args)
     from dlfast.bench.runner import run
 
     return run(args)

@@ -63,6 +63,23 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     # the suite on the H100 but lose to SDPA's cuDNN backend everywhere (Triton fwd 0.63-0.77x,
     # fwd+bwd 0.39-0.58x; the mma.sync CUDA kernel 0.28-0.50x): SDPA keeps CUDA attention.
     ("attention", "cuda"): ((None, None, ("torch",)),),
+    # benchmarks/results/cpu-epyc-2core-avx512/conv2d_relu.json: the C++ route wins only on the
+    # 3-channel 64x64 first layer (direct kernel: fp32 fwd 2.0x, fwd+bwd 1.3x; bf16 1.4x, 1.1x);
+    # elsewhere it is 0.76-1.06x of F.conv2d + relu (within this machine's noise at best), and the
+    # table cannot yet select by channel count, so PyTorch keeps the CPU default.
+    ("conv2d_relu", "cpu"): ((None, None, ("torch",)),),
+    # benchmarks/results/h100/conv2d_relu.json (bf16, course and ResNet shapes): both kernels pass
+    # the suite on the H100 but lose to cuDNN conv + relu in fwd+bwd everywhere (CUDA 0.29-0.77x,
+    # Triton 0.16-0.61x); only Triton's forward of the 3-channel first layer wins (2.1-2.3x).
+    ("conv2d_relu", "cuda"): ((None, None, ("torch",)),),
+    # "torch" for n-gram counting is the torch.bincount composite (dlfast.reference.ngram_counts).
+    # benchmarks/results/cpu-epyc-2core-avx512/bigram_counts.json: the C++ kernel is 2.0-3.2x the
+    # composite at 1e6 tokens and 13-20x at 1e7 for V <= 256; at V = 4096 0.94x (1e6), 1.4x (1e7).
+    ("ngram_counts", "cpu"): ((None, None, ("cpu", "torch")),),
+    # benchmarks/results/h100/bigram_counts.json: the CUDA kernel beats the bincount composite at
+    # every measured size and vocabulary (1e6 to 1e9 tokens: 2.2-22x for V <= 65, 2.1-3.2x at
+    # V = 256, 1.4-1.5x at V = 4096); Triton 0.9-1.7x.
+    ("ngram_counts", "cuda"): ((None, None, ("cuda", "torch")),),
 }
 
 

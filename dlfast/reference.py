@@ -129,3 +129,69 @@ def attention(
         keep = dropout_keep_mask(seed, B, H, Lq, Lk, dropout_p, device=q.device)
         probs = probs * keep / (1.0 - dropout_p)
     return (probs @ vf).to(q.dtype)
+
+
+def conv2d_relu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """relu(conv2d(x, weight, bias)) as im2col and a matrix product per group.
+
+    x: (N, C, H, W); weight: (K, C / groups, R, S); bias: (K,) or None; padding symmetric.
+    Output (N, K, P, Q) with P = (H + 2 pad_h - dil_h (R - 1) - 1) // stride_h + 1 (Q alike):
+    y[n, k, p, q] = relu(bias[k] + sum over c, r, s of weight[k, c, r, s] *
+    x[n, g C/groups + c, p stride_h - pad_h + r dil_h, q stride_w - pad_w + s dil_w]), zero
+    outside x, where g = k // (K / groups).
+    """
+    N, C, H, W = x.shape
+    K, Cg, R, S = weight.shape
+    P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) // stride[0] + 1
+    Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+    acc = _acc_dtype(x)
+    # (N, C * R * S, P * Q): the unfold's channel index is c * R * S + r * S + s.
+    cols = torch.nn.functional.unfold(x.to(acc), (R, S), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.view(N, groups, Cg * R * S, P * Q)
+    w = weight.to(acc).reshape(groups, K // groups, Cg * R * S)
+    y = torch.einsum("gkj,ngjl->ngkl", w, cols).reshape(N, K, P, Q)
+    if bias is not None:
+        y = y + bias.to(acc).view(1, K, 1, 1)
+    return torch.relu(y).to(x.dtype)
+
+
+def ngram_ids(
+    tokens: Tensor, vocab_size: int, n: int, ignore_index: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The n-grams of adjacent tokens in the rows of the 2-D `tokens`, each as one int64 id
+    ((t0 V + t1) V + ...) + tn-1, in row-major order of their first token; n-grams never cross
+    rows, and those containing ignore_index or a token outside [0, V) are left out. Also
+    returns the mask of `tokens` that are outside [0, V) and not ignore_index."""
+    t = tokens.long()
+    rows, L = t.shape
+    bad = (t < 0) | (t >= vocab_size)
+    usable = ~bad
+    if ignore_index is not None:
+        bad &= t != ignore_index
+        usable &= t != ignore_index
+    starts = max(L - n + 1, 0)
+    ids = torch.zeros(rows, starts, dtype=torch.long, device=t.device)
+    keep = torch.ones(rows, starts, dtype=torch.bool, device=t.device)
+    for k in range(n):
+        ids = ids * vocab_size + t[:, k : k + starts].clamp(0, vocab_size - 1)
+        keep &= usable[:, k : k + starts]
+    return ids[keep], bad
+
+
+def ngram_counts(
+    tokens: Tensor, vocab_size: int, n: int, ignore_index: int | None = None
+) -> tuple[Tensor, int]:
+    """How often each n-gram of adjacent tokens occurs in the rows of the 2-D `tokens`: the flat
+    (vocab_size ** n,) int64 table, torch.bincount of ngram_ids. Also returns the smallest flat
+    position of a token outside [0, V) that is not ignore_index, or -1."""
+    ids, bad = ngram_ids(tokens, vocab_size, n, ignore_index)
+    first_bad = int(bad.flatten().nonzero()[0, 0]) if bool(bad.any()) else -1
+    return torch.bincount(ids, minlength=vocab_size**n), first_bad

@@ -13,7 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
-    "op,passes", [("layer_norm", {"fwd", "bwd", "fwd+bwd"}), ("attention", {"fwd", "fwd+bwd"})]
+    "op,passes",
+    [
+        ("layer_norm", {"fwd", "bwd", "fwd+bwd"}),
+        ("attention", {"fwd", "fwd+bwd"}),
+        ("conv2d_relu", {"fwd", "fwd+bwd"}),
+        ("bigram_counts", {"count"}),
+    ],
 )
 def test_bench_quick_writes_a_report(tmp_path, op, passes):
     out = tmp_path / "bench.json"
@@ -29,6 +35,6 @@ def test_bench_quick_writes_a_report(tmp_path, op, passes):
     for row in rows:
         assert row["median_ms"] > 0 and (row["gbps"] or row["tflops"]) > 0, row
         assert row["frac_of_limit"] > 0, row
-    if op == "attention":
+    if op in ("attention", "conv2d_relu"):
         assert report["meta"]["matmul_tflops"]
         assert row["vs_torch"] > 0, row

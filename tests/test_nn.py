@@ -179,3 +179,163 @@ def test_causal_self_attention_matches_sdpa():
     assert set(layer.state_dict()) == {"c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"}
     with pytest.raises(ValueError, match="must divide d_model"):
         dlfast.nn.CausalSelfAttention(30, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2dReLU and the Conv2d -> ReLU converter
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"stride": 2, "padding": 1, "bias": False}, {"padding": "same", "dilation": 2}, {"groups": 2}],
+    ids=["default", "stride2-nobias", "same-dil2", "groups2"],
+)
+def test_conv2d_relu_is_a_drop_in(kwargs):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, **kwargs)
+    torch.manual_seed(0)
+    fused = dlfast.nn.Conv2dReLU(4, 6, 3, **kwargs)
+    assert fused.state_dict().keys() == conv.state_dict().keys()
+    for key, value in conv.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], value), key
+    x = torch.randn(2, 4, 9, 9)
+    with dlfast.use_backend("cpu"):
+        torch.testing.assert_close(fused(x), torch.relu(conv(x)), **tol(torch.float32))
+
+
+def test_conv2d_relu_reflect_padding_mode():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    fused = dlfast.nn.Conv2dReLU.from_modules(conv, torch.nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(fused(x), torch.relu(conv(x)), **tol(torch.float32))
+
+
+def test_from_modules_shares_the_parameters():
+    conv, relu = torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True)
+    fused = dlfast.nn.Conv2dReLU.from_modules(conv, relu)
+    assert fused.weight is conv.weight and fused.bias is conv.bias
+    assert type(conv) is torch.nn.Conv2d  # left unchanged
+    with pytest.raises(TypeError, match="torch.nn.ReLU"):
+        dlfast.nn.Conv2dReLU.from_modules(conv, torch.nn.GELU())
+
+
+class _ResNetBlock(torch.nn.Module):
+    """The course notes' basic block with an identity shortcut, written with F.relu."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        out = torch.nn.functional.relu(self.conv1(x), inplace=True)
+        return torch.nn.functional.relu(self.conv2(out) + x)
+
+
+class _DoubleConv(torch.nn.Module):
+    """U-Net's double convolution."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 3, padding=1),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(cout, cout, 3, padding=1),
+            torch.nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class _MethodRelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu())
+
+
+def _sequential_cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, 10),
+    )
+
+
+@pytest.mark.parametrize(
+    "make,channels,fused",
+    [
+        (_sequential_cnn, 1, 2),
+        (lambda: _ResNetBlock(4), 4, 1),
+        (lambda: _DoubleConv(3, 4), 3, 2),
+        (_MethodRelu, 3, 1),
+    ],
+    ids=["sequential-cnn", "resnet-block", "unet-double-conv", "tensor-method-relu"],
+)
+def test_convert_fuses_conv_relu_and_keeps_outputs_and_gradients(make, channels, fused):
+    torch.manual_seed(0)
+    model = make()
+    original = copy.deepcopy(model)
+    converted = dlfast.nn.convert(model)
+    assert sum(isinstance(m, dlfast.nn.Conv2dReLU) for m in converted.modules()) == fused
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(2, channels, 8, 8)
+    with dlfast.use_backend("cpu"):
+        got = converted(x)
+        got.square().sum().backward()
+    want = original(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    grads = dict(original.named_parameters())
+    for name, param in converted.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, **tol(torch.float32))
+
+
+def test_convert_leaves_a_conv_whose_output_is_used_twice():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(y) + y
+
+    model = dlfast.nn.convert(Twice())
+    assert not any(isinstance(m, dlfast.nn.Conv2dReLU) for m in model.modules())
+
+
+def test_convert_warns_on_an_untraceable_model():
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a value: torch.fx cannot trace it
+                return torch.relu(self.conv(x))
+            return self.conv(x)
+
+    model = DataDependent()
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        assert dlfast.nn.convert(model) is model
+    assert type(model.conv) is torch.nn.Conv2d
+
+
+def test_revert_gives_plain_pytorch_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = dlfast.nn.convert(_DoubleConv(3, 4))
+    x = torch.randn(1, 3, 8, 8)
+    with dlfast.use_backend("cpu"):
+        fused = model(x)
+    dlfast.nn.revert(model)
+    assert [type(m) for m in model.net][::2] == [dlfast.nn.Conv2dThenReLU] * 2
+    torch.testing.assert_close(model(x), fused, **tol(torch.float32))

@@ -106,5 +106,92 @@ cudaError_t attention_bwd(const void* dout,                 // (B, H, Lq, D) dty
                           float* delta,                     // (B, H, Lq) scratch, overwritten
                           const AttentionConfig& config, DType dtype, cudaStream_t stream);
 
+// Sizes of one Conv2d + bias + ReLU call, as in the conv2d_relu_fwd / conv2d_relu_bwd schemas
+// (csrc/dlfast.cpp). The output is (N, K, P, Q) with P = (H + 2 pad_h - dil_h (R - 1) - 1) /
+// stride_h + 1 and Q likewise (conv2d_out_size).
+struct Conv2dConfig {
+  int64_t batch;         // N >= 0
+  int64_t in_channels;   // C, a multiple of groups
+  int64_t height;        // H
+  int64_t width;         // W
+  int64_t out_channels;  // K, a multiple of groups
+  int64_t kernel_h;      // R
+  int64_t kernel_w;      // S
+  int64_t stride_h, stride_w;  // >= 1
+  int64_t pad_h, pad_w;        // >= 0, symmetric
+  int64_t dil_h, dil_w;        // >= 1
+  int64_t groups;              // G >= 1
+};
+
+// Every size, channel count, per-image pixel count (H W, P Q) and per-group reduction length
+// (R S C / G, R S K / G) must be at most this (the kernels index within one image and one
+// filter in 32 bits, across the batch in 64), and x, y and the weight must have fewer than 2^40
+// elements; the launchers return cudaErrorInvalidValue otherwise.
+constexpr int64_t kConv2dMaxDim = (int64_t(1) << 31) - 1;
+constexpr int64_t kConv2dMaxElements = int64_t(1) << 40;
+
+// P or Q for an input extent, kernel extent, stride, padding and dilation; < 1 when the kernel
+// does not fit.
+inline int64_t conv2d_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
+                               int64_t dil) {
+  return (in + 2 * pad - dil * (kernel - 1) - 1) / stride + 1;
+}
+
+// Conv2d + bias + ReLU forward. With C / G > 4 and K / G > 4 an implicit GEMM: on tensor cores
+// for fp16 / bf16 (16-byte loads when C / G % 8 == 0 and x, weight are 16-byte aligned), fp32
+// FMA for fp32 (no TF32); depthwise and smaller channel counts a direct convolution. fp32
+// accumulation everywhere. Returns cudaErrorInvalidValue for a config outside the ranges above.
+cudaError_t conv2d_relu_fwd(const void* x,       // (N, H, W, C) dtype, contiguous (NHWC)
+                            const void* weight,  // (K, R, S, C / G) dtype, contiguous
+                            const void* bias,    // (K,) dtype, or nullptr: no bias
+                            void* y,             // (N, P, Q, K) dtype, contiguous, written
+                            const Conv2dConfig& config, DType dtype, cudaStream_t stream);
+
+// Bytes of scratch that conv2d_relu_bwd needs for these wanted gradients: a transposed copy of
+// the weight for the tensor-core dx path and fp32 per-split partial sums of dweight / dbias.
+// A function of the arguments only (not of the device), so the split order, and with it every
+// bit of dweight and dbias, is the same on every GPU.
+size_t conv2d_relu_bwd_workspace_bytes(const Conv2dConfig& config, DType dtype, bool dx_wanted,
+                                       bool dweight_wanted, bool dbias_wanted);
+
+// Conv2d + bias + ReLU backward with g = (y > 0 ? dy : 0), applied as dy is read:
+// dx = conv_transpose(g, weight), dweight = correlation of g with x, dbias = sum of g over
+// (N, P, Q). dx runs as an implicit GEMM when C / G and K / G > 4 (tensor cores for fp16 /
+// bf16), dweight on tensor cores for fp16 / bf16 with K / G > 4; everything else on the CUDA
+// cores, always with fp32 accumulation. Deterministic (fixed-order
+// reductions, no atomics). A gradient whose pointer is nullptr is not computed, and then x
+// (without dweight) and weight (without dx) may be nullptr too. Returns cudaErrorInvalidValue
+// when the workspace is smaller than conv2d_relu_bwd_workspace_bytes or not 16-byte aligned.
+cudaError_t conv2d_relu_bwd(const void* dy,      // (N, P, Q, K) dtype, contiguous
+                            const void* y,       // (N, P, Q, K) dtype, contiguous: forward out
+                            const void* x,       // (N, H, W, C) dtype, contiguous
+                            const void* weight,  // (K, R, S, C / G) dtype, contiguous
+                            void* dx,            // (N, H, W, C) dtype written, or nullptr
+                            void* dweight,       // (K, R, S, C / G) dtype written, or nullptr
+                            void* dbias,         // (K,) dtype written, or nullptr
+                            void* workspace,     // conv2d_relu_bwd_workspace_bytes(...) bytes
+                            size_t workspace_bytes, const Conv2dConfig& config, DType dtype,
+                            cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// N-gram counting (ngram_counts_ in csrc/dlfast.cpp)
+
+// Element type of the token tensor.
+enum class TokenDType : int { UInt8 = 0, Int16 = 1, Int32 = 2, Int64 = 3 };
+
+// Adds into `counts` how often each n-gram of adjacent tokens of a row occurs: the n-gram
+// (t0, ..., tn-1) adds 1 at ((t0 V + t1) V + ...) + tn-1; n-grams never cross rows. An n-gram
+// containing ignore_index (when has_ignore) or a token outside [0, V) is skipped. Writes to
+// *bad_position the smallest flat position (row * L + col) of a token outside [0, V) that is
+// not ignore_index, or -1: on the device, no host synchronisation. Any alignment of `tokens`
+// (of its element size). Returns cudaErrorInvalidValue for n outside 1..3, V < 1, negative
+// sizes or V^n past int64.
+cudaError_t ngram_counts(const void* tokens,     // (rows, L) dtype, contiguous
+                         TokenDType dtype, int64_t rows, int64_t L, int64_t vocab_size, int n,
+                         bool has_ignore, int64_t ignore_index,
+                         int64_t* counts,        // (vocab_size^n,) contiguous, added to
+                         int64_t* bad_position,  // 0-dim, written
+                         cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace dlfast

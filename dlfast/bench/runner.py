@@ -39,6 +39,8 @@ import torch
 OPS: dict[str, str] = {
     "layer_norm": "dlfast.bench.layer_norm",
     "attention": "dlfast.bench.attention",
+    "conv2d_relu": "dlfast.bench.conv2d_relu",
+    "bigram_counts": "dlfast.bench.ngram_counts",
 }
 
 EAGER_PEER = "torch"

@@ -14,6 +14,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -48,7 +49,7 @@ struct Copy { void* dst; const void* src; int size; int src_bytes; };
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  char* stack = nullptr;
   bool done = false;
   uint3 tid;
   int lane = 0, warp = 0;
@@ -109,6 +110,11 @@ inline float bf16_bits_to_float(uint16_t h) { uint32_t u = uint32_t(h) << 16; fl
 inline void run_block(unsigned threads, const std::function<void()>& body) {
   static std::function<void()> s_body;
   s_body = body;
+  // Stacks outlive the block: allocating (and page-faulting) 512 KB per thread for every block
+  // would dominate the run time.
+  constexpr size_t kStackBytes = 512 * 1024;
+  static std::vector<std::unique_ptr<char[]>> s_stacks;
+  while (s_stacks.size() < threads) s_stacks.emplace_back(new char[kStackBytes]);
   std::vector<Fiber> fibers(threads);
   g_fibers = &fibers;
   g_block_bar = Barrier{int(threads), 0, 0};
@@ -118,10 +124,10 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
     f.tid = make_uint3(t, 0, 0);
     f.lane = t % 32;
     f.warp = t / 32;
-    f.stack.resize(512 * 1024);
+    f.stack = s_stacks[t].get();
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &g_sched;
     makecontext(&f.ctx, +[] { s_body(); cur().done = true; }, 0);
   }
@@ -200,4 +206,47 @@ inline int max(int a, int b) { return a > b ? a : b; }
 template <class T>
 inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
+
+// Atomics, bit counts and __match_any_sync (the n-gram kernels). Fibers switch only at barriers
+// and warp collectives, so a plain read-modify-write is atomic here; each one is bounds-checked
+// against shared memory or the registered global buffers.
+inline void emu_check_atomic(const void* p, size_t n) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  if (c >= emu::g_smem && c < emu::g_smem + emu::kSmemBytes) emu::check_smem(p, n, n);
+  else emu::check_global(p, n, n);
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  emu_check_atomic(p, sizeof(*p));
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  emu_check_atomic(p, sizeof(*p));
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  emu_check_atomic(p, sizeof(*p));
+  const unsigned long long old = *p;
+  *p = std::min(old, v);
+  return old;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline uint64_t g_match_values[32][32];
+template <typename T>
+inline unsigned __match_any_sync(unsigned mask, T v) {
+  static_assert(std::is_integral_v<T>, "integer match keys only");
+  if (mask != 0xffffffffu) EMU_FAIL("partial match mask");
+  uint64_t* values = g_match_values[emu::cur().warp];
+  const int lane = emu::cur().lane;
+  values[lane] = static_cast<uint64_t>(v);
+  emu::warp_wait();
+  unsigned peers = 0;
+  for (int i = 0; i < 32; ++i) peers |= unsigned(values[i] == values[lane]) << i;
+  emu::warp_wait();
+  return peers;
 }

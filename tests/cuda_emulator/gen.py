@@ -1,12 +1,14 @@
-# Turns csrc/cuda/attention.cu into host C++ for the emulator: the PTX wrappers are replaced by
-# emulated ones, and <<<...>>> launches by emu::launch.
+# Turns a csrc/cuda/*.cu file into host C++ for the emulator: the PTX wrappers of ptx.h are
+# replaced by the emulated ones of emu_ptx.inc, and <<<...>>> launches by emu::launch.
 import re
 import sys
 
 src = open(sys.argv[1]).read()
-start = src.index("__device__ __forceinline__ uint32_t smem_addr")
-end = src.index("// Two floats rounded to T")
-src = src[:start] + '#include "emu_ptx.inc"\n\n' + src[end:]
+src, n = re.subn(r'#include "ptx.h"\n', '#include "emu_ptx.inc"\n', src)
+if n == 0:
+    # A file without PTX wrappers still needs emu_ptx.inc's shared-memory array.
+    src, n = re.subn(r'#include "launchers.h"\n', '#include "launchers.h"\n#include "emu_ptx.inc"\n', src)
+assert n == 1, 'expected one #include "ptx.h" or "launchers.h"'
 src, n = re.subn(
     r"(\w+(?:<[^<>;]*>)?)\s*<<<([^>]*)>>>\s*\((.*?)\);",
     lambda m: f"emu::launch({m.group(1)}, {m.group(2)}, {m.group(3)});",

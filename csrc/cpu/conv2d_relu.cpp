@@ -1,0 +1,183 @@
+// Conv2d + bias + ReLU on the CPU. Three routes, chosen by measurement on the course shapes
+// (benchmarks/results/cpu-epyc-2core-avx512/conv2d_relu.json):
+//   - float32 / float16 with few channels per group (C / groups <= 4: first layers, depthwise):
+//     the direct kernel of conv2d_relu_kernel.h, where oneDNN's GEMM-based convolution is mostly
+//     packing overhead (bfloat16 stays with oneDNN, whose AVX512-BF16 code beats it there);
+//   - float32 / bfloat16 otherwise: oneDNN's convolution with ReLU as a fused post-op
+//     (mkldnn::_convolution_pointwise, the op inductor's CPU backend uses for the same fusion),
+//     so the output is written once, already rectified;
+//   - anything else (float64, float16, a build without oneDNN): ATen's convolution, then an
+//     in-place ReLU.
+// The backward masks dy with y > 0 in one pass (threshold_backward) and hands the masked
+// gradient to ATen's convolution_backward (oneDNN), which computes dx, dweight and dbias.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/threshold_backward.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace dlfast::cpu {
+namespace {
+
+constexpr int64_t kConv2dDirectMaxCg = 4;
+
+struct ConvShape {
+  int64_t N, C, H, W, K, R, S, P, Q;
+};
+
+ConvShape check_conv(const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "dlfast::conv2d_relu: x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, "dlfast::conv2d_relu: weight must be 4-D (K, C / groups, R, S), got ",
+              weight.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "dlfast::conv2d_relu: x must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(weight.scalar_type() == dtype, "dlfast::conv2d_relu: weight is ",
+              weight.scalar_type(), " but x is ", dtype);
+  TORCH_CHECK(weight.device() == x.device(), "dlfast::conv2d_relu: weight is on ", weight.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "dlfast::conv2d_relu: stride, padding and dilation must be (h, w) pairs");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
+                  padding[0] >= 0 && padding[1] >= 0,
+              "dlfast::conv2d_relu: stride and dilation must be >= 1 and padding >= 0, got stride ",
+              stride, ", padding ", padding, ", dilation ", dilation);
+  ConvShape s{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
+              weight.size(3), 0, 0};
+  TORCH_CHECK(groups >= 1 && s.C % groups == 0 && s.K % groups == 0,
+              "dlfast::conv2d_relu: groups (", groups, ") must divide the ", s.C,
+              " input and ", s.K, " output channels");
+  TORCH_CHECK(weight.size(1) * groups == s.C, "dlfast::conv2d_relu: weight has ", weight.size(1),
+              " input channels per group but x has ", s.C, " channels in ", groups, " groups");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.K, "dlfast::conv2d_relu: bias must have shape (",
+                s.K, ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->device() == x.device(),
+                "dlfast::conv2d_relu: bias must be ", dtype, " on ", x.device());
+  }
+  s.P = (s.H + 2 * padding[0] - dilation[0] * (s.R - 1) - 1) / stride[0] + 1;
+  s.Q = (s.W + 2 * padding[1] - dilation[1] * (s.S - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(s.H + 2 * padding[0] >= dilation[0] * (s.R - 1) + 1 &&
+                  s.W + 2 * padding[1] >= dilation[1] * (s.S - 1) + 1,
+              "dlfast::conv2d_relu: the (dilated) kernel ", weight.sizes().slice(2),
+              " is larger than the padded input ", x.sizes().slice(2));
+  return s;
+}
+
+// The conv's memory format, as F.conv2d picks it: channels_last if x or weight suggests it.
+at::MemoryFormat conv_memory_format(const at::Tensor& x, const at::Tensor& weight) {
+  const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                  weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor direct_conv2d_relu(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const ConvShape& s,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
+  const auto xc = x.contiguous();
+  const auto w32 = weight.to(at::kFloat).contiguous();
+  const auto b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto y = at::empty({s.N, s.K, s.P, s.Q}, x.options());
+  const Conv2dReluDirectArgs args{xc.data_ptr(), w32.data_ptr<float>(),
+                                  b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr(),
+                                  s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.P, s.Q, groups,
+                                  stride[0], stride[1], padding[0], padding[1], dilation[0],
+                                  dilation[1], x.scalar_type()};
+  if (y.numel() > 0) {
+    DLFAST_CPU_DISPATCH(conv2d_relu_direct_fwd, args);
+  }
+  return y;
+}
+
+// oneDNN's convolution with a fused ReLU, called boxed (its C++ signature is internal to torch);
+// an undefined tensor when this torch has no such op.
+at::Tensor onednn_conv2d_relu(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+  if (!op.has_value()) return at::Tensor();
+  auto vec = [](at::IntArrayRef a) { return std::vector<int64_t>(a.begin(), a.end()); };
+  std::vector<c10::IValue> stack{x,
+                                 weight,
+                                 bias,
+                                 vec(padding),
+                                 vec(stride),
+                                 vec(dilation),
+                                 groups,
+                                 std::string("relu"),
+                                 c10::List<std::optional<at::Scalar>>(),
+                                 c10::IValue()};
+  op->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+at::Tensor conv2d_relu_fwd(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvShape s = check_conv(x, weight, bias, stride, padding, dilation, groups);
+  const auto format = conv_memory_format(x, weight);
+  const auto dtype = x.scalar_type();
+  at::Tensor y;
+  if ((dtype == at::kFloat || dtype == at::kHalf) && s.C / groups <= kConv2dDirectMaxCg) {
+    y = direct_conv2d_relu(x, weight, bias, s, stride, padding, dilation, groups);
+  } else if (dtype == at::kFloat && s.N > 0) {
+    // oneDNN's float32 convolution runs far faster on channels_last data than on NCHW, by more
+    // than the two layout copies cost (measured 1.3-1.5x on the ResNet shapes on 2 cores).
+    y = onednn_conv2d_relu(x.contiguous(at::MemoryFormat::ChannelsLast),
+                           weight.contiguous(at::MemoryFormat::ChannelsLast), bias, stride, padding,
+                           dilation, groups);
+  } else if (dtype == at::kBFloat16 && s.N > 0) {
+    y = onednn_conv2d_relu(x, weight, bias, stride, padding, dilation, groups);
+  }
+  if (!y.defined()) {
+    y = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups).relu_();
+  }
+  return y.contiguous(format);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd(
+    const at::Tensor& dy, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const ConvShape s = check_conv(x, weight, std::nullopt, stride, padding, dilation, groups);
+  const std::vector<int64_t> out_shape{s.N, s.K, s.P, s.Q};
+  TORCH_CHECK(dy.sizes() == out_shape && y.sizes() == out_shape,
+              "dlfast::conv2d_relu: dy and y must have the output's shape ", at::IntArrayRef(out_shape),
+              ", got ", dy.sizes(), " and ", y.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
+              "dlfast::conv2d_relu: dy and y must be ", x.scalar_type());
+  const auto format = conv_memory_format(x, weight);
+  const auto g = at::threshold_backward(dy, y, 0);
+  const std::vector<int64_t> bias_sizes{s.K};
+  auto [dx, dweight, dbias] =
+      at::convolution_backward(g, x, weight, bias_sizes, stride, padding, dilation, false, {0, 0},
+                               groups, output_mask);
+  // Each unwanted output is its own empty tensor: outputs of a custom op must not alias.
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  return {output_mask[0] ? dx.contiguous(format) : empty(),
+          output_mask[1] ? dweight.contiguous(format) : empty(),
+          output_mask[2] ? dbias : empty()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dlfast, CPU, m) {
+  m.impl("conv2d_relu_fwd", &conv2d_relu_fwd);
+  m.impl("conv2d_relu_bwd", &conv2d_relu_bwd);
+}
+
+}  // namespace dlfast::cpu

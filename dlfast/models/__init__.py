@@ -1,0 +1,1 @@
+"""The course notes' architectures, rebuilt from dlfast ops and layers (one file per family)."""

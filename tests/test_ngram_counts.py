@@ -1,0 +1,184 @@
+"""dlfast.bigram_counts / ngram_counts on every backend against torch.bincount on n-gram ids."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing
+
+import dlfast
+
+TOKEN_DTYPES = [torch.uint8, torch.int16, torch.int32, torch.int64]
+
+
+def make_tokens(shape, vocab_size, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, shape, generator=g).to(device=device, dtype=dtype)
+
+
+def bincount_composite(tokens: torch.Tensor, V: int, n: int, ignore_index=None) -> torch.Tensor:
+    """The oracle, independent of dlfast: each row's n-gram ids, then torch.bincount."""
+    rows = tokens.reshape(1, -1) if tokens.dim() == 1 else tokens
+    ids = []
+    for row in rows.long().cpu():
+        for i in range(row.numel() - n + 1):
+            gram = row[i : i + n].tolist()
+            if ignore_index is not None and ignore_index in gram:
+                continue
+            index = 0
+            for t in gram:
+                index = index * V + t
+            ids.append(index)
+    return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=V**n).view((V,) * n)
+
+
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(257,), (3, 50), (4, 2)], ids=["stream", "rows", "rows-shorter-than-n"])
+def test_matches_bincount(backend_device, dtype, n, shape):
+    backend, device = backend_device
+    V = 27
+    tokens = make_tokens(shape, V, dtype, device)
+    counts = dlfast.ngram_counts(tokens, V, n, backend=backend)
+    assert counts.dtype == torch.long and counts.shape == (V,) * n and counts.device == tokens.device
+    assert torch.equal(counts.cpu(), bincount_composite(tokens, V, n))
+
+
+@pytest.mark.parametrize("V", [2, 200, 4500], ids=lambda v: f"V{v}")
+def test_vocabulary_sizes(backend_device, V):
+    """Tiny and large tables: 4500^2 bins is past the CPU kernel's private-table limit (atomics)
+    and past any GPU shared-memory histogram."""
+    backend, device = backend_device
+    tokens = make_tokens((2, 700), V, torch.int32, device)
+    assert torch.equal(
+        dlfast.bigram_counts(tokens, V, backend=backend).cpu(), bincount_composite(tokens, V, 2)
+    )
+
+
+def test_ignore_index(backend_device):
+    backend, device = backend_device
+    tokens = make_tokens((3, 40), 10, torch.int64, device)
+    tokens[:, ::7] = -1  # padding
+    tokens[1, 5] = 99  # an id outside the vocabulary, used as padding too
+    for pad in (-1, 99):
+        masked = tokens.clone()
+        masked[masked == (99 if pad == -1 else -1)] = pad
+        got = dlfast.bigram_counts(masked, 10, ignore_index=pad, backend=backend)
+        assert torch.equal(got.cpu(), bincount_composite(masked, 10, 2, ignore_index=pad))
+
+
+def test_out_accumulates_chunks(backend_device):
+    backend, device = backend_device
+    tokens = make_tokens((1000,), 27, torch.uint8, device)
+    out = torch.zeros(27, 27, dtype=torch.long, device=device)
+    for chunk in tokens.split(300):
+        assert dlfast.bigram_counts(chunk, 27, out=out, backend=backend) is out
+    want = sum(bincount_composite(chunk, 27, 2) for chunk in tokens.split(300))
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("bad", [27, 200, -3], ids=["V", "far", "negative"])
+def test_bad_ids_name_value_and_position_and_leave_out_alone(backend_device, bad):
+    backend, device = backend_device
+    dtype = torch.uint8 if bad >= 0 else torch.int16
+    tokens = make_tokens((2, 30), 27, dtype, device)
+    tokens[1, 17] = bad
+    tokens[1, 20] = bad
+    out = torch.ones(27, 27, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match=rf"token id {bad} at row 1, column 17 is outside \[0, 27\)"):
+        dlfast.bigram_counts(tokens, 27, out=out, backend=backend)
+    assert torch.equal(out, torch.ones_like(out))
+    with pytest.raises(ValueError, match=rf"token id {bad} at position 47 "):
+        dlfast.bigram_counts(tokens.view(-1), 27, backend=backend)
+
+
+def test_a_bad_id_in_no_ngram_is_still_reported(backend_device):
+    backend, device = backend_device
+    tokens = torch.tensor([[3], [40]], dtype=torch.int32, device=device)  # rows of one token: no pairs
+    with pytest.raises(ValueError, match="token id 40 at row 1, column 0"):
+        dlfast.bigram_counts(tokens, 27, backend=backend)
+
+
+def test_argument_errors():
+    with pytest.raises(TypeError, match="token ids"):
+        dlfast.bigram_counts(torch.rand(10), 27)
+    with pytest.raises(TypeError, match="token ids"):
+        dlfast.bigram_counts(torch.zeros(10, dtype=torch.int8), 27)
+    with pytest.raises(ValueError, match="1-D"):
+        dlfast.bigram_counts(torch.zeros(2, 2, 2, dtype=torch.long), 27)
+    with pytest.raises(ValueError, match="n must be"):
+        dlfast.ngram_counts(torch.zeros(10, dtype=torch.long), 27, 4)
+    with pytest.raises(ValueError, match="sparse=True"):
+        dlfast.bigram_counts(torch.zeros(10, dtype=torch.long), 50257)
+    with pytest.raises(ValueError, match="out must be"):
+        dlfast.bigram_counts(torch.zeros(10, dtype=torch.long), 27, out=torch.zeros(27, 27))
+
+
+def test_empty_input(backend_device):
+    backend, device = backend_device
+    for tokens in (torch.zeros(0, dtype=torch.long), torch.zeros(3, 0, dtype=torch.long)):
+        counts = dlfast.bigram_counts(tokens.to(device), 27, backend=backend)
+        assert torch.equal(counts.cpu(), torch.zeros(27, 27, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_sparse_matches_dense(n):
+    tokens = make_tokens((3, 200), 30, torch.int32, "cpu")
+    sparse = dlfast.ngram_counts(tokens, 30, n, sparse=True)
+    assert sparse.is_sparse and sparse.is_coalesced()
+    assert torch.equal(sparse.to_dense(), bincount_composite(tokens, 30, n))
+
+
+def test_sparse_with_a_bpe_sized_vocabulary():
+    V = 50257
+    tokens = make_tokens((5000,), V, torch.int64, "cpu")
+    tokens[100:110] = torch.tensor([7, 9] * 5)  # a repeated pair
+    sparse = dlfast.bigram_counts(tokens, V, sparse=True)
+    assert sparse.shape == (V, V)
+    ids = (tokens[:-1] * V + tokens[1:]).tolist()
+    assert sparse._values().sum().item() == len(ids) and sparse._nnz() == len(set(ids))
+    assert sparse[7, 9].item() == ids.count(7 * V + 9) >= 5
+    with pytest.raises(ValueError, match="outside"):
+        dlfast.bigram_counts(torch.tensor([1, V]), V, sparse=True)
+
+
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    if backend == "reference":
+        pytest.skip("the reference backend is plain PyTorch, not a custom op")
+    from dlfast.ops.ngram_counts import _KERNELS
+
+    tokens = make_tokens((2, 33), 11, torch.int32, device)
+    counts = torch.zeros(121, dtype=torch.long, device=device)
+    torch.library.opcheck(_KERNELS[backend], (counts, tokens, 11, 2, None))
+    torch.library.opcheck(_KERNELS[backend], (counts, tokens, 11, 2, 3))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_shard(rank: int, world: int, port: int, tokens: torch.Tensor, results) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        shard = tokens.chunk(world)[rank]
+        results[rank] = dlfast.bigram_counts_distributed(shard, 27, backend="reference")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_counts_sum_over_two_gloo_processes():
+    tokens = make_tokens((4, 64), 27, torch.int32, "cpu")  # 4 rows: each process gets 2
+    manager = torch.multiprocessing.get_context("spawn").Manager()
+    results = manager.dict()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.multiprocessing.spawn(_count_shard, args=(2, _free_port(), tokens, results), nprocs=2, join=True)
+    want = bincount_composite(tokens, 27, 2)
+    assert torch.equal(results[0], want) and torch.equal(results[1], want)
