@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dlfast import backends
+from dlfast.backends import use_backend as dlfast_backend
 
 # Kernel backends under test ("torch" is PyTorch itself, so it is not swept).
 SWEPT_BACKENDS = ("cpu", "cuda", "triton", "reference")
@@ -104,3 +105,23 @@ def run_on_cpu_isa(isa: str, script: str) -> None:
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr
+
+
+def check_compiled_model(model: torch.nn.Module, x: torch.Tensor, backend: str, device: str) -> None:
+    """torch.compile(model, fullgraph=True) on `backend` gives the eager outputs and parameter
+    gradients: the op's fake implementation and autograd rule trace without a graph break.
+    Triton on CPU tensors is skipped (inductor compiles for the CPU, where Triton kernels only
+    run interpreted)."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("inductor compiles for the CPU, where triton kernels only run interpreted")
+    torch._dynamo.reset()
+    with dlfast_backend(backend):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+        torch.testing.assert_close(compiled, eager, **tol(torch.float32))
+        compiled.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).sum().backward()
+    for got, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, **tol(torch.float32))

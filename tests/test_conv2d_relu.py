@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import dtypes_for, grad_tol, skip_reason, tol
+from conftest import check_compiled_model, dtypes_for, grad_tol, skip_reason, tol
 
 import dlfast
 from dlfast import reference
@@ -206,25 +206,11 @@ def test_gradcheck_float64_cpu(groups):
 
 def test_torch_compile_fullgraph(backend_device):
     backend, device = backend_device
-    if backend == "triton" and device == "cpu":
-        pytest.skip("inductor compiles for the CPU, where triton kernels only run interpreted")
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         dlfast.nn.Conv2dReLU(3, 8, 3, padding=1), dlfast.nn.Conv2dReLU(8, 8, 3, stride=2), torch.nn.Flatten()
     ).to(device)
-    x = torch.randn(2, 3, 9, 9, device=device)
-    with dlfast.use_backend(backend):
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True)(x)
-        torch.testing.assert_close(compiled, eager, **tol(torch.float32))
-        compiled.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    with dlfast.use_backend(backend):
-        model(x).sum().backward()
-    for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
-        torch.testing.assert_close(got, want, **tol(torch.float32))
+    check_compiled_model(model, torch.randn(2, 3, 9, 9, device=device), backend, device)
 
 
 def test_autocast_runs_in_the_autocast_dtype_like_torch(backend_device):

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_ISA_LEVELS, dtypes_for, grad_tol, run_on_cpu_isa, skip_reason, tol
+from conftest import (
+    CPU_ISA_LEVELS,
+    check_compiled_model,
+    dtypes_for,
+    grad_tol,
+    run_on_cpu_isa,
+    skip_reason,
+    tol,
+)
 
 import dlfast
 from dlfast import reference
@@ -159,22 +167,9 @@ def test_opcheck(backend_device, affine):
 
 def test_torch_compile_fullgraph(backend_device):
     backend, device = backend_device
-    if backend == "triton" and device == "cpu":
-        pytest.skip("inductor compiles for the CPU, where triton kernels only run interpreted")
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), dlfast.nn.LayerNorm(48), torch.nn.GELU()).to(device)
-    x = torch.randn(6, 32, device=device)
-    with dlfast.use_backend(backend):
-        eager = model(x)
-        compiled = torch.compile(model, fullgraph=True)(x)
-        torch.testing.assert_close(compiled, eager, **tol(torch.float32))
-        compiled.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model(x).sum().backward()
-    for got, p in zip(grads, model.parameters(), strict=True):
-        torch.testing.assert_close(got, p.grad, **tol(torch.float32))
+    check_compiled_model(model, torch.randn(6, 32, device=device), backend, device)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlfast import backends, reference
+from dlfast.ops.registry import register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CAUSAL_MODES = (False, True, "top_left", "bottom_right")
@@ -90,35 +91,26 @@ def _attention_bwd_triton(
     )
 
 
-def _register(fwd_name: str, bwd_name: str):
-    """Gives a fwd/bwd op pair its fake implementations and autograd rule; returns the pair."""
-    fwd = getattr(torch.ops.dlfast, fwd_name).default
-    bwd = getattr(torch.ops.dlfast, bwd_name).default
-    torch.library.register_fake(fwd)(_fwd_fake)
-    torch.library.register_fake(bwd)(_bwd_fake)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, mask, ctx.causal, ctx.causal_shift, ctx.scale, ctx.dropout_p, seed = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, mask, seed = ctx.saved_tensors
-        # Every dlfast backward reduces in a fixed order (no atomics), so its gradients are
-        # bitwise repeatable whatever this flag says; it is passed for kernels that may add a
-        # faster, atomic path.
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        options = (ctx.causal, ctx.causal_shift, ctx.scale, ctx.dropout_p, seed, deterministic)
-        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, mask, *options)
-        return dq, dk, dv, None, None, None, None, None, None
-
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
-    return fwd, bwd
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, ctx.causal, ctx.causal_shift, ctx.scale, ctx.dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
 
 
-_KERNELS = {"triton": _register("attention_fwd_triton", "attention_bwd_triton")}
-if backends.EXTENSION_ERROR is None:
-    _KERNELS["cpu"] = _KERNELS["cuda"] = _register("attention_fwd", "attention_bwd")
+def _backward(bwd, ctx, dout, _dlse):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    # Every dlfast backward reduces in a fixed order (no atomics), so its gradients are bitwise
+    # repeatable whatever this flag says; it is passed for kernels that may add a faster,
+    # atomic path.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    options = (ctx.causal, ctx.causal_shift, ctx.scale, ctx.dropout_p, seed, deterministic)
+    dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, mask, *options)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_KERNELS = register_kernels(
+    "attention", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, setup_context=_setup_context, backward=_backward
+)
 
 
 def _check(q, k, v, causal, key_padding_mask, dropout_p, scale) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlfast import backends, reference
+from dlfast.ops.registry import register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -108,39 +109,23 @@ def _conv2d_relu_bwd_triton(
     )
 
 
-def _register(fwd_name: str, bwd_name: str):
-    """Gives a fwd/bwd op pair its fake implementations and autograd rule; returns the pair."""
-    fwd = getattr(torch.ops.dlfast, fwd_name).default
-    bwd = getattr(torch.ops.dlfast, bwd_name).default
-    torch.library.register_fake(fwd)(_fwd_fake)
-    torch.library.register_fake(bwd)(_bwd_fake)
-
-    def setup_context(ctx, inputs, output):
-        x, weight, _bias, stride, padding, dilation, groups = inputs
-        ctx.geometry = (stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, output)
-
-    def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:3])
-        dx, dweight, dbias = bwd(dy, y, x, weight, *ctx.geometry, mask)
-        return (
-            dx if mask[0] else None,
-            dweight if mask[1] else None,
-            dbias if mask[2] else None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
-    return fwd, bwd
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, stride, padding, dilation, groups = inputs
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.save_for_backward(x, weight, output)
 
 
-_KERNELS = {"triton": _register("conv2d_relu_fwd_triton", "conv2d_relu_bwd_triton")}
-if backends.EXTENSION_ERROR is None:
-    _KERNELS["cpu"] = _KERNELS["cuda"] = _register("conv2d_relu_fwd", "conv2d_relu_bwd")
+def _backward(bwd, ctx, dy):
+    x, weight, y = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    dx, dweight, dbias = bwd(dy, y, x, weight, *ctx.geometry, mask)
+    grads = [g if wanted else None for g, wanted in zip((dx, dweight, dbias), mask, strict=True)]
+    return (*grads, None, None, None, None)
+
+
+_KERNELS = register_kernels(
+    "conv2d_relu", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, setup_context=_setup_context, backward=_backward
+)
 
 
 def _pair(value, name: str) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlfast import backends, reference
+from dlfast.ops.registry import register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -68,34 +69,29 @@ def _layer_norm_bwd_triton(
     return layer_norm_bwd(dy, x, weight, mean, rstd, weight_grad, bias_grad)
 
 
-def _register(fwd_name: str, bwd_name: str):
-    """Gives a fwd/bwd op pair its fake implementations and autograd rule; returns the pair."""
-    fwd = getattr(torch.ops.dlfast, fwd_name).default
-    bwd = getattr(torch.ops.dlfast, bwd_name).default
-    torch.library.register_fake(fwd)(_fwd_fake)
-    torch.library.register_fake(bwd)(_bwd_fake)
-
-    def setup_context(ctx, inputs, output):
-        x, weight, _bias, _eps = inputs
-        _y, mean, rstd = output
-        ctx.save_for_backward(x, weight, mean, rstd)
-
-    def backward(ctx, dy, _dmean, _drstd):
-        x, weight, mean, rstd = ctx.saved_tensors
-        weight_grad, bias_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dx, dweight, dbias = bwd(dy.contiguous(), x, weight, mean, rstd, weight_grad, bias_grad)
-        return dx, (dweight if weight_grad else None), (dbias if bias_grad else None), None
-
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
-    # Under CUDA autocast PyTorch runs layer_norm in float32 (its fp32 op list); so do these.
-    # (CPU autocast leaves layer_norm alone, and so do we.)
-    torch.library.register_autocast(fwd, "cuda", torch.float32)
-    return fwd, bwd
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
 
 
-_KERNELS = {"triton": _register("layer_norm_fwd_triton", "layer_norm_bwd_triton")}
-if backends.EXTENSION_ERROR is None:
-    _KERNELS["cpu"] = _KERNELS["cuda"] = _register("layer_norm_fwd", "layer_norm_bwd")
+def _backward(bwd, ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    weight_grad, bias_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dx, dweight, dbias = bwd(dy.contiguous(), x, weight, mean, rstd, weight_grad, bias_grad)
+    return dx, (dweight if weight_grad else None), (dbias if bias_grad else None), None
+
+
+# Under CUDA autocast PyTorch runs layer_norm in float32 (its fp32 op list); so do these.
+# (CPU autocast leaves layer_norm alone, and so do we.)
+_KERNELS = register_kernels(
+    "layer_norm",
+    fwd_fake=_fwd_fake,
+    bwd_fake=_bwd_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+    cuda_autocast_dtype=torch.float32,
+)
 
 
 def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> None:

@@ -1,0 +1,48 @@
+"""The registration every dlfast op with a gradient shares.
+
+An op `name` has a C++ pair, torch.ops.dlfast.<name>_fwd/_bwd (the cpu and cuda backends, present
+when the extension loaded), and a Triton pair, <name>_fwd_triton/_bwd_triton (custom ops defined
+in dlfast/ops/<name>.py). Both pairs take the same arguments, so both get the same fake
+implementations and the same autograd rule, and torch.compile traces any backend alike.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from dlfast import backends
+
+OpPair = tuple[torch._ops.OpOverload, torch._ops.OpOverload]
+
+
+def register_kernels(
+    name: str,
+    *,
+    fwd_fake: Callable,
+    bwd_fake: Callable,
+    setup_context: Callable,
+    backward: Callable,
+    cuda_autocast_dtype: torch.dtype | None = None,
+) -> dict[str, OpPair]:
+    """Registers the fakes and the autograd rule on every (fwd, bwd) pair of op `name`; returns
+    {kernel backend: (fwd, bwd)}. backward(bwd, ctx, *grads) gets the pair's bwd op first.
+    cuda_autocast_dtype: the dtype the forward runs in under CUDA autocast, if it is cast."""
+    pairs = [("triton", f"{name}_fwd_triton", f"{name}_bwd_triton")]
+    if backends.EXTENSION_ERROR is None:
+        pairs.append(("cpu", f"{name}_fwd", f"{name}_bwd"))
+    kernels: dict[str, OpPair] = {}
+    for backend, fwd_name, bwd_name in pairs:
+        fwd = getattr(torch.ops.dlfast, fwd_name).default
+        bwd = getattr(torch.ops.dlfast, bwd_name).default
+        torch.library.register_fake(fwd)(fwd_fake)
+        torch.library.register_fake(bwd)(bwd_fake)
+        torch.library.register_autograd(fwd, functools.partial(backward, bwd), setup_context=setup_context)
+        if cuda_autocast_dtype is not None:
+            torch.library.register_autocast(fwd, "cuda", cuda_autocast_dtype)
+        kernels[backend] = (fwd, bwd)
+    if "cpu" in kernels:
+        kernels["cuda"] = kernels["cpu"]  # one C++ op, with CPU and CUDA kernels
+    return kernels
