@@ -138,3 +138,19 @@ class CausalSelfAttention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, dropout={self.dropout}"
+
+
+class SDPACausalSelfAttention(CausalSelfAttention):
+    """Plain PyTorch twin of CausalSelfAttention (F.scaled_dot_product_attention, is_causal), with
+    the same parameters: what dlfast.nn.revert turns a CausalSelfAttention into."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = (
+            t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+            for t in self.c_attn(x).split(C, dim=2)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))

@@ -8,7 +8,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from dlfast.nn.attention import MultiheadAttention
+from dlfast.nn.attention import CausalSelfAttention, MultiheadAttention, SDPACausalSelfAttention
 from dlfast.nn.conv import Conv2dReLU, Conv2dThenReLU
 from dlfast.nn.layer_norm import LayerNorm
 
@@ -24,6 +24,7 @@ _DROP_INS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
 _REVERSALS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
     **{drop_in: original for original, drop_in in _DROP_INS.items()},
     Conv2dReLU: Conv2dThenReLU,
+    CausalSelfAttention: SDPACausalSelfAttention,
 }
 
 # The ways a traced forward applies a ReLU to a tensor.
@@ -60,7 +61,8 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Undoes convert(), in place: every dlfast layer in `model` becomes its torch.nn original
-    (a Conv2dReLU becomes Conv2dThenReLU: torch.nn.Conv2d then F.relu, same keys)."""
+    or plain-PyTorch twin with the same keys (a Conv2dReLU becomes Conv2dThenReLU: torch.nn.Conv2d
+    then F.relu; a CausalSelfAttention becomes SDPACausalSelfAttention)."""
     for module in model.modules():
         original = _REVERSALS.get(type(module))
         if original is not None:

@@ -1,0 +1,117 @@
+"""The course models built from dlfast layers: each against its plain-PyTorch twin
+(dlfast.nn.revert, same weights), and a few training steps that lower the loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import skip_reason, tol
+
+import dlfast
+from dlfast.models.cnn import CNNClassifier, SimpleResNet
+from dlfast.models.gpt import GPT, get_batch
+
+pytestmark = pytest.mark.skipif(
+    skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load"
+)
+
+
+def quadrant_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy images whose label is the brightest quadrant (0-3): a task a CNN learns in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    x = 0.3 * torch.randn(n, 1, size, size, generator=g)
+    half = size // 2
+    for i, label in enumerate(labels.tolist()):
+        r, c = divmod(label, 2)
+        x[i, 0, r * half : (r + 1) * half, c * half : (c + 1) * half] += 1.0
+    return x, labels
+
+
+def assert_twin_matches(model: torch.nn.Module, inputs: tuple, loss_fn) -> None:
+    """model on dlfast's C++ kernels and its reverted plain-PyTorch twin: same outputs and grads."""
+    twin = dlfast.nn.revert(copy.deepcopy(model))
+    fused = (
+        dlfast.nn.Conv2dReLU,
+        dlfast.nn.CausalSelfAttention,
+        dlfast.nn.LayerNorm,
+        dlfast.nn.MultiheadAttention,
+    )
+    assert not any(type(m) in fused for m in twin.modules())
+    with dlfast.use_backend("cpu"):
+        ours = loss_fn(model(*inputs))
+        ours.backward()
+    theirs = loss_fn(twin(*inputs))
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, **tol(torch.float32))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def train_steps(model, batches, loss_fn, steps: int, lr: float) -> list[float]:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    with dlfast.use_backend("cpu"):
+        for step in range(steps):
+            inputs, target = batches(step)
+            loss = loss_fn(model(*inputs), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CNNClassifier(channels=(8, 16), image_size=8, num_classes=4),
+        lambda: SimpleResNet(image_size=8, num_classes=4),
+    ],
+    ids=["cnn", "resnet"],
+)
+def test_conv_classifiers_match_their_twin_and_learn(make):
+    torch.manual_seed(0)
+    model = make().eval()  # no dropout: the twin comparison needs the same function
+    x, y = quadrant_images(16, 8)
+    assert_twin_matches(model, (x,), lambda logits: F.cross_entropy(logits, y))
+    model.train()
+    x, y = quadrant_images(256, 8, seed=1)
+    losses = train_steps(
+        model,
+        lambda s: ((x[s % 4 * 64 : s % 4 * 64 + 64],), y[s % 4 * 64 : s % 4 * 64 + 64]),
+        F.cross_entropy,
+        steps=30,
+        lr=3e-3,
+    )
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_notes_cnn_shapes():
+    assert CNNClassifier()(torch.randn(2, 1, 100, 100)).shape == (2, 1)  # Linear(1250, 1) as in the notes
+    assert SimpleResNet().fc1.in_features == 9216
+
+
+def test_gpt_matches_its_twin_learns_and_generates():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, block_size=16, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    data = torch.arange(600) % 11  # a periodic sequence: the next token is predictable
+    g = torch.Generator().manual_seed(0)
+    x, y = get_batch(data, 16, 8, generator=g)
+    assert_twin_matches(model, (x, y), lambda out: out[1])
+    losses = train_steps(
+        model,
+        lambda s: (get_batch(data, 16, 16, generator=g), None),
+        lambda out, _: out[1],
+        steps=40,
+        lr=3e-3,
+    )
+    assert losses[-1] < 0.5 * losses[0], losses
+    with dlfast.use_backend("cpu"):
+        out = model.eval().generate(torch.zeros(2, 1, dtype=torch.long), 20, top_k=3, generator=g)
+    assert out.shape == (2, 21) and int(out.max()) < 11
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
