@@ -115,3 +115,20 @@ def test_gpt_matches_its_twin_learns_and_generates():
     assert out.shape == (2, 21) and int(out.max()) < 11
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_mlp_language_model_starts_uniform_and_learns():
+    from test_bigram_lm import generated_words
+
+    from dlfast.models.mlp_lm import MLPLanguageModel, context_windows
+
+    X, Y = context_windows(["ab"], 3)
+    assert X.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2]] and Y.tolist() == [1, 2, 0]
+    words = generated_words()
+    torch.manual_seed(0)
+    model = MLPLanguageModel()
+    # The notes' initialisation: no character favoured at first, loss near -ln(1/27).
+    assert model.nll(words) == pytest.approx(-torch.tensor(1 / 27).log().item(), abs=0.05)
+    losses = model.fit(words, steps=400, generator=torch.Generator().manual_seed(0))
+    assert model.nll(words) < 2.6 and sum(losses[-20:]) / 20 < sum(losses[:20]) / 20
+    assert len(model.sample(3, generator=torch.Generator().manual_seed(0))) == 3
