@@ -132,3 +132,26 @@ def test_mlp_language_model_starts_uniform_and_learns():
     losses = model.fit(words, steps=400, generator=torch.Generator().manual_seed(0))
     assert model.nll(words) < 2.6 and sum(losses[-20:]) / 20 < sum(losses[:20]) / 20
     assert len(model.sample(3, generator=torch.Generator().manual_seed(0))) == 3
+
+
+def test_unet_matches_its_twin_and_learns_to_segment():
+    from dlfast.models.unet import UNet, iou, shapes_with_masks
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = UNet(in_channels=1, num_classes=2, channels=(8, 16, 32))
+    x, masks = shapes_with_masks(4, 16, generator=g)
+    assert model(x).shape == (4, 2, 16, 16)
+    assert_twin_matches(model, (x,), lambda logits: F.cross_entropy(logits, masks))
+    x, masks = shapes_with_masks(64, 16, generator=g)
+    losses = train_steps(
+        model,
+        lambda s: ((x[s % 4 * 16 : s % 4 * 16 + 16],), masks[s % 4 * 16 : s % 4 * 16 + 16]),
+        F.cross_entropy,
+        steps=40,
+        lr=1e-2,
+    )
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    with torch.no_grad(), dlfast.use_backend("cpu"):
+        assert iou(model(x).argmax(1) == 1, masks == 1) > 0.5
+    assert iou(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
