@@ -155,3 +155,58 @@ def test_unet_matches_its_twin_and_learns_to_segment():
     with torch.no_grad(), dlfast.use_backend("cpu"):
         assert iou(model(x).argmax(1) == 1, masks == 1) > 0.5
     assert iou(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
+
+
+def _padded_sequences(n: int, max_len: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Token ids in [1, vocab) with 0-padding at the end of each row (every row keeps >= 2 tokens)."""
+    ids = torch.randint(1, vocab, (n, max_len), generator=generator)
+    lengths = torch.randint(2, max_len + 1, (n,), generator=generator)
+    return ids.masked_fill(torch.arange(max_len) >= lengths.unsqueeze(1), 0)
+
+
+def test_transformer_encoder_classifier_matches_its_twin_and_learns():
+    from dlfast.models.transformer import EncoderClassifier
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = EncoderClassifier(12, 2, d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0)
+    idx = _padded_sequences(8, 10, 12, g)
+    labels = (idx == 5).any(1).long()  # does token 5 occur (padding never counts)?
+    assert_twin_matches(model.eval(), (idx,), lambda logits: F.cross_entropy(logits, labels))
+    idx = _padded_sequences(256, 10, 12, g)
+    labels = (idx == 5).any(1).long()
+    losses = train_steps(
+        model.train(),
+        lambda s: ((idx[s % 8 * 32 : s % 8 * 32 + 32],), labels[s % 8 * 32 : s % 8 * 32 + 32]),
+        F.cross_entropy,
+        steps=60,
+        lr=1e-3,
+    )
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+
+
+def test_transformer_decoder_lm_and_encoder_decoder_match_their_twins_and_learn():
+    from dlfast.models.transformer import DecoderLM, EncoderDecoder
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    small = {"d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64, "dropout": 0.0}
+    lm = DecoderLM(11, **small)
+    data = torch.arange(400) % 11
+    x, y = get_batch(data, 12, 8, generator=g)
+    assert_twin_matches(lm.eval(), (x,), lambda logits: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    lm_loss = lambda logits, target: F.cross_entropy(logits.flatten(0, 1), target.flatten())  # noqa: E731
+
+    def lm_batch(_step):
+        x, y = get_batch(data, 12, 16, generator=g)
+        return (x,), y
+
+    losses = train_steps(lm.train(), lm_batch, lm_loss, steps=40, lr=3e-3)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    # Reverse a padded source: target = [BOS=1] + reversed tokens (ids 2..9), teacher forcing.
+    seq2seq = EncoderDecoder(10, 10, **small)
+    src = _padded_sequences(8, 6, 10, g).clamp_min(0)
+    src = torch.where(src > 0, src.clamp_min(2), src)
+    tgt_in = torch.cat([torch.ones(8, 1, dtype=torch.long), src.flip(1)[:, :-1]], dim=1)
+    assert_twin_matches(seq2seq.eval(), (src, tgt_in), lambda logits: lm_loss(logits, src.flip(1)))
