@@ -210,3 +210,47 @@ def test_transformer_decoder_lm_and_encoder_decoder_match_their_twins_and_learn(
     src = torch.where(src > 0, src.clamp_min(2), src)
     tgt_in = torch.cat([torch.ones(8, 1, dtype=torch.long), src.flip(1)[:, :-1]], dim=1)
     assert_twin_matches(seq2seq.eval(), (src, tgt_in), lambda logits: lm_loss(logits, src.flip(1)))
+
+
+def _blob_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Images in [0, 1] with one Gaussian blob each: structure an autoencoder can compress."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.rand(n, 2, generator=generator) * size
+    d2 = (yy - centres[:, 0, None, None]) ** 2 + (xx - centres[:, 1, None, None]) ** 2
+    return torch.exp(-d2 / (2 * (size / 6) ** 2)).unsqueeze(1)
+
+
+def test_autoencoders_learn_and_the_denoiser_matches_its_twin():
+    from dlfast.models.autoencoder import VAE, Autoencoder, DenoisingAutoencoder, TinyAutoencoder
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    clean = _blob_images(64, 28, g)
+    noisy = (clean + 0.2 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    denoiser = DenoisingAutoencoder()
+    assert denoiser(noisy).shape == clean.shape
+    assert_twin_matches(denoiser, (noisy[:8],), lambda out: F.mse_loss(out, clean[:8]))
+    mse = lambda out, target: F.mse_loss(out, target)  # noqa: E731
+    for model, data in ((denoiser, (noisy, clean)), (Autoencoder(), (clean, clean))):
+        losses = train_steps(
+            model,
+            lambda s, d=data: ((d[0][s % 4 * 16 : s % 4 * 16 + 16],), d[1][s % 4 * 16 : s % 4 * 16 + 16]),
+            mse,
+            steps=30,
+            lr=3e-3,
+        )
+        assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), (type(model).__name__, losses)
+    vae = VAE()
+    losses = train_steps(
+        vae,
+        lambda s: ((clean[s % 4 * 16 : s % 4 * 16 + 16], g), clean[s % 4 * 16 : s % 4 * 16 + 16]),
+        lambda out, target: F.binary_cross_entropy(out[0], target, reduction="sum") + out[1],
+        steps=30,
+        lr=3e-3,
+    )
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), losses
+    assert vae.sample(4, generator=g).shape == (4, 1, 28, 28)
+    tiny = TinyAutoencoder()
+    points = torch.rand(64, 3, generator=g)
+    losses = train_steps(tiny, lambda s: ((points,), points), mse, steps=200, lr=3e-2)
+    assert losses[-1] < losses[0]
