@@ -51,6 +51,19 @@ def assert_twin_matches(model: torch.nn.Module, inputs: tuple, loss_fn) -> None:
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def minibatches(inputs: tuple, target, size: int):
+    """batches(step) for train_steps: the step-th of the consecutive `size`-row slices of the
+    tensors in inputs and of target, cycling."""
+    rows = len(target)
+
+    def batch(step: int):
+        i = step * size % rows
+        pick = lambda t: t[i : i + size] if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return tuple(pick(t) for t in inputs), target[i : i + size]
+
+    return batch
+
+
 def train_steps(model, batches, loss_fn, steps: int, lr: float) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
@@ -82,7 +95,7 @@ def test_conv_classifiers_match_their_twin_and_learn(make):
     x, y = quadrant_images(256, 8, seed=1)
     losses = train_steps(
         model,
-        lambda s: ((x[s % 4 * 64 : s % 4 * 64 + 64],), y[s % 4 * 64 : s % 4 * 64 + 64]),
+        minibatches((x,), y, 64),
         F.cross_entropy,
         steps=30,
         lr=3e-3,
@@ -146,7 +159,7 @@ def test_unet_matches_its_twin_and_learns_to_segment():
     x, masks = shapes_with_masks(64, 16, generator=g)
     losses = train_steps(
         model,
-        lambda s: ((x[s % 4 * 16 : s % 4 * 16 + 16],), masks[s % 4 * 16 : s % 4 * 16 + 16]),
+        minibatches((x,), masks, 16),
         F.cross_entropy,
         steps=40,
         lr=1e-2,
@@ -177,7 +190,7 @@ def test_transformer_encoder_classifier_matches_its_twin_and_learns():
     labels = (idx == 5).any(1).long()
     losses = train_steps(
         model.train(),
-        lambda s: ((idx[s % 8 * 32 : s % 8 * 32 + 32],), labels[s % 8 * 32 : s % 8 * 32 + 32]),
+        minibatches((idx,), labels, 32),
         F.cross_entropy,
         steps=60,
         lr=1e-3,
@@ -234,7 +247,7 @@ def test_autoencoders_learn_and_the_denoiser_matches_its_twin():
     for model, data in ((denoiser, (noisy, clean)), (Autoencoder(), (clean, clean))):
         losses = train_steps(
             model,
-            lambda s, d=data: ((d[0][s % 4 * 16 : s % 4 * 16 + 16],), d[1][s % 4 * 16 : s % 4 * 16 + 16]),
+            minibatches((data[0],), data[1], 16),
             mse,
             steps=30,
             lr=3e-3,
@@ -243,7 +256,7 @@ def test_autoencoders_learn_and_the_denoiser_matches_its_twin():
     vae = VAE()
     losses = train_steps(
         vae,
-        lambda s: ((clean[s % 4 * 16 : s % 4 * 16 + 16], g), clean[s % 4 * 16 : s % 4 * 16 + 16]),
+        minibatches((clean, g), clean, 16),
         lambda out, target: F.binary_cross_entropy(out[0], target, reduction="sum") + out[1],
         steps=30,
         lr=3e-3,

@@ -37,11 +37,12 @@ Works on CUDA tensors on a GPU and on CPU tensors under TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+# A launch helper shared by the ops' wrappers, defined once in layer_norm.py.
+from .layer_norm import _device_context
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -67,6 +68,42 @@ def _relu_grad(
     dy = tl.load(DY + dy_off, mask=mask, other=0.0)
     y = tl.load(Y + y_off, mask=mask, other=0.0)
     return tl.where(y > 0, dy, 0.0)
+
+
+@triton.jit
+def _gemm_tile(
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INT64_INDEX: tl.constexpr,
+):
+    """(group, rows, columns, reduction lanes) of this program in the forward and dx grids,
+    (pixel blocks, channel blocks within a group, groups); int64 where INT64_INDEX."""
+    grp = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lanes = tl.arange(0, BLOCK_K)
+    if INT64_INDEX:
+        grp, rows, cols, lanes = grp.to(tl.int64), rows.to(tl.int64), cols.to(tl.int64), lanes.to(tl.int64)
+    return grp, rows, cols, lanes
+
+
+@triton.jit
+def _split_pixel(pix, P, Q):
+    """(n, p, q) of flat pixel indices over (N, P, Q)."""
+    q = pix % Q
+    p = (pix // Q) % P
+    n = pix // (P * Q)
+    return n, p, q
+
+
+@triton.jit
+def _in_image(ih0, iw0, dh, dw, row_ok, col_ok, H, W):
+    """Where a (rows, columns) tile of x gathers reads inside the image, at input row
+    ih0 + dh and column iw0 + dw (ih0, iw0 per tile row; dh, dw per tile column)."""
+    ih = ih0[:, None] + dh[None, :]
+    iw = iw0[:, None] + dw[None, :]
+    return row_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
 
 
 @triton.jit
@@ -110,18 +147,10 @@ def _conv2d_relu_fwd_kernel(
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # reduction step over (r, s, c)
 ):
-    # grid: (pixel blocks, channel blocks within a group, groups)
-    grp = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    lanes = tl.arange(0, BLOCK_K)
-    if INT64_INDEX:
-        grp, rows, cols, lanes = grp.to(tl.int64), rows.to(tl.int64), cols.to(tl.int64), lanes.to(tl.int64)
+    grp, rows, cols, lanes = _gemm_tile(BLOCK_M, BLOCK_N, BLOCK_K, INT64_INDEX)
     row_ok = rows < N * P * Q
     col_ok = cols < Kg
-    q = rows % Q
-    p = (rows // Q) % P
-    n = rows // (P * Q)
+    n, p, q = _split_pixel(rows, P, Q)
     ih0 = p * stride_h - pad_h
     iw0 = q * stride_w - pad_w
     # The gather offset separates into a pixel part and a reduction part, so the per-element
@@ -140,9 +169,7 @@ def _conv2d_relu_fwd_kernel(
         r = red // (Cg * S)
         dh = r * dil_h
         dw = s * dil_w
-        ih = ih0[:, None] + dh[None, :]
-        iw = iw0[:, None] + dw[None, :]
-        x_ok = row_ok[:, None] & red_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_ok = _in_image(ih0, iw0, dh, dw, row_ok, red_ok, H, W)
         x_red_off = c * sx_c + dh * sx_h + dw * sx_w
         a = tl.load(X + x_row_off[:, None] + x_red_off[None, :], mask=x_ok, other=0.0)
         w_off = (c * sw_c + r * sw_r + s * sw_s)[:, None] + (k * sw_k)[None, :]
@@ -202,18 +229,10 @@ def _conv2d_relu_bwd_data_kernel(
     BLOCK_N: tl.constexpr,  # input channels per program
     BLOCK_K: tl.constexpr,  # reduction step over (r, s, k)
 ):
-    # grid: (pixel blocks, channel blocks within a group, groups)
-    grp = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    lanes = tl.arange(0, BLOCK_K)
-    if INT64_INDEX:
-        grp, rows, cols, lanes = grp.to(tl.int64), rows.to(tl.int64), cols.to(tl.int64), lanes.to(tl.int64)
+    grp, rows, cols, lanes = _gemm_tile(BLOCK_M, BLOCK_N, BLOCK_K, INT64_INDEX)
     row_ok = rows < N * H * W
     col_ok = cols < Cg
-    w = rows % W
-    h = (rows // W) % H
-    n = rows // (H * W)
+    n, h, w = _split_pixel(rows, H, W)
     c = grp * Cg + cols
     dy_row_off = n * sdy_n
     y_row_off = n * sy_n
@@ -316,18 +335,14 @@ def _conv2d_relu_bwd_weight_kernel(
     for red_start in range(start, tl.minimum(start + chunk, NPQ), BLOCK_K):
         red = red_start + lanes
         red_ok = red < NPQ
-        q = red % Q
-        p = (red // Q) % P
-        n = red // (P * Q)
+        n, p, q = _split_pixel(red, P, Q)
         g_ok = row_ok[:, None] & red_ok[None, :]
         dy_off = dy_k_off[:, None] + (n * sdy_n + p * sdy_p + q * sdy_q)[None, :]
         y_off = y_k_off[:, None] + (n * sy_n + p * sy_p + q * sy_q)[None, :]
         a = _relu_grad(DY, Y, dy_off, y_off, g_ok)
         ih0 = p * stride_h - pad_h
         iw0 = q * stride_w - pad_w
-        ih = ih0[:, None] + dh[None, :]
-        iw = iw0[:, None] + dw[None, :]
-        x_ok = red_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_ok = _in_image(ih0, iw0, dh, dw, red_ok, col_ok, H, W)
         x_row_off = n * sx_n + ih0 * sx_h + iw0 * sx_w
         b = tl.load(X + x_row_off[:, None] + x_col_off[None, :], mask=x_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -371,9 +386,7 @@ def _conv2d_relu_bwd_bias_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_J), dtype=tl.float32)
     for red_start in range(start, tl.minimum(start + chunk, NPQ), BLOCK_J):
         red = red_start + lanes
-        q = red % Q
-        p = (red // Q) % P
-        n = red // (P * Q)
+        n, p, q = _split_pixel(red, P, Q)
         dy_off = (k * sdy_k)[:, None] + (n * sdy_n + p * sdy_p + q * sdy_q)[None, :]
         y_off = (k * sy_k)[:, None] + (n * sy_n + p * sy_p + q * sy_q)[None, :]
         g = _relu_grad(DY, Y, dy_off, y_off, k_ok[:, None] & (red < NPQ)[None, :])
@@ -389,13 +402,6 @@ def _conv2d_relu_bwd_bias_kernel(
 def _interpreted() -> bool:
     # TRITON_INTERPRET is read when the kernels are decorated (at import), not at call time.
     return type(_conv2d_relu_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _device_context(x: torch.Tensor):
-    # Triton launches on the current device's current stream: make that x's device.
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:

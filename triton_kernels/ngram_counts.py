@@ -21,12 +21,12 @@ Works on CUDA tensors on a GPU and on CPU tensors under TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+# Launch helpers shared by the ops' wrappers, defined once in layer_norm.py.
+from .layer_norm import _device_context, _sm_count
 
 # Largest power-of-two histogram, counting the one bin that collects the n-grams that are not
 # counted. tl.histogram does about log2(bins) ballots plus bins / 32 bit tests per element per
@@ -124,18 +124,6 @@ def _interpreted() -> bool:
     # TRITON_INTERPRET is read when the kernels are decorated (at import), not at call time.
     # Compared by name: importing triton's interpreter module would pull in numpy.
     return type(_ngram_counts_kernel).__name__ == "InterpretedFunction"
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_context(x: torch.Tensor):
-    # Triton launches on the current device's current stream: make that x's device.
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
 
 
 def _check_args(counts: torch.Tensor, tokens: torch.Tensor, vocab_size: int, n: int) -> int:

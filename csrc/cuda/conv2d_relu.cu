@@ -193,6 +193,66 @@ __device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
   }
 }
 
+// The multi-stage mainloop of the tensor-core GEMMs (conv_igemm_kernel, conv_wgrad_tc_kernel):
+// acc, a warp's 32 x 32 outputs as 2 x 4 tiles of 16 x 8, accumulates num_steps reduction
+// steps of kSlices x 16, each staged in one of kStages shared buffers of kStageElems elements.
+// The callbacks hold what differs between the kernels:
+//   load_stage(step, buf)  issues the loads of a step into buffer buf and commits them;
+//   store_masked(buf)      stores what load_stage left in registers (a no-op where nothing was),
+//                          once the math of the previous stage is issued;
+//   load_a(af, stage, kk, i) / load_b(bf, stage, kk, j)
+//                          ldmatrix the A fragment of row tile i, and the B fragments of column
+//                          tiles j, j + 1 (bf[0..1], bf[2..3]), of slice kk of a stage.
+template <typename T, int kStageElems, int kSlices, typename LoadStage, typename StoreMasked,
+          typename LoadA, typename LoadB>
+__device__ __forceinline__ void mma_mainloop(const T* stages, int num_steps, float (&acc)[2][4][4],
+                                             LoadStage&& load_stage, StoreMasked&& store_masked,
+                                             LoadA&& load_a, LoadB&& load_b) {
+  // Every thread commits one cp.async group per stage, empty past the end, so that "all but
+  // the newest kStages - 2 groups" is always "up to stage kt".
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < num_steps) {
+      load_stage(st, st);
+      store_masked(st);
+    } else {
+      cp_async_commit();
+    }
+  }
+  for (int kt = 0; kt < num_steps; ++kt) {
+    // Stage kt has landed for every thread, and every warp is done with stage kt - 1, whose
+    // buffer the loads below refill.
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = kt + kStages - 1;
+    const bool prefetch = next < num_steps;
+    if (prefetch) {
+      load_stage(next, next % kStages);
+    } else {
+      cp_async_commit();
+    }
+    const T* stage = stages + (kt % kStages) * kStageElems;
+#pragma unroll
+    for (int kk = 0; kk < kSlices; ++kk) {
+      uint32_t af[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) load_a(af[i], stage, kk, i);
+#pragma unroll
+      for (int j = 0; j < 4; j += 2) {
+        uint32_t bf[4];
+        load_b(bf, stage, kk, j);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mma_16816<T>(acc[i][j], af[i], bf[0], bf[1]);
+          mma_16816<T>(acc[i][j + 1], af[i], bf[2], bf[3]);
+        }
+      }
+    }
+    if (prefetch) store_masked(next % kStages);
+  }
+  cp_async_wait<0>();  // only empty groups are left; close them before the thread exits
+}
+
 // Block tile (64 rows, 64 columns) of one group, reduction in steps of 32 through kStages
 // shared stages: while the tensor cores work on one stage the next ones are in flight (cp.async;
 // in the dx pass the dy and y chunks wait in registers and are masked and stored after the
@@ -319,53 +379,16 @@ __global__ void __launch_bounds__(kThreads) conv_igemm_kernel(const GemmParams p
   const int wm = warp / 2;
   const int wn = warp % 2;
   float acc[2][4][4] = {};
-  // Every thread commits one cp.async group per stage, empty past the end, so that "all but
-  // the newest kStages - 2 groups" is always "up to stage kt".
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < num_k) {
-      load_stage(st, st);
-      store_masked(st);
-    } else {
-      cp_async_commit();
-    }
-  }
-  for (int kt = 0; kt < num_k; ++kt) {
-    // Stage kt has landed for every thread, and every warp is done with stage kt - 1, whose
-    // buffer the loads below refill.
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = kt + kStages - 1;
-    const bool prefetch = next < num_k;
-    if (prefetch) {
-      load_stage(next, next % kStages);
-    } else {
-      cp_async_commit();
-    }
-    const T* sA = stages + (kt % kStages) * kStageElems;
-    const T* sB = sA + kTileM * kStride;
-#pragma unroll
-    for (int kk = 0; kk < kTileK / 16; ++kk) {
-      uint32_t af[2][4];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        ldmatrix_x4(af[i], sA + (wm * 32 + i * 16 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; j += 2) {
-        uint32_t bf[4];
-        ldmatrix_x4(bf, sB + (wn * 32 + j * 8 + lane % 8 + (lane / 16) * 8) * kStride + kk * 16 +
-                            (lane / 8 % 2) * 8);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          mma_16816<T>(acc[i][j], af[i], bf[0], bf[1]);
-          mma_16816<T>(acc[i][j + 1], af[i], bf[2], bf[3]);
-        }
-      }
-    }
-    if (prefetch) store_masked(next % kStages);
-  }
-  cp_async_wait<0>();  // only empty groups are left; close them before the thread exits
+  mma_mainloop<T, kStageElems, kTileK / 16>(
+      stages, num_k, acc, load_stage, store_masked,
+      [&](uint32_t(&a)[4], const T* sA, int kk, int i) {
+        ldmatrix_x4(a, sA + (wm * 32 + i * 16 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
+      },
+      [&](uint32_t(&b)[4], const T* sA, int kk, int j) {
+        const T* sB = sA + kTileM * kStride;
+        ldmatrix_x4(b, sB + (wn * 32 + j * 8 + lane % 8 + (lane / 16) * 8) * kStride + kk * 16 +
+                           (lane / 8 % 2) * 8);
+      });
 
   // A lane holds rows lane / 4 (+ 8) and columns 2 (lane % 4) + {0, 1} of each 16 x 8 tile.
   // With chunk_stores the block tile goes through shared memory (free once every warp is past
@@ -803,53 +826,19 @@ __global__ void __launch_bounds__(kThreads)
   const int wm = warp / 2;  // output channels wm * 32 + [0, 32)
   const int wn = warp % 2;  // (r, s, c) columns wn * 32 + [0, 32)
   float acc[2][4][4] = {};
-  // The pipeline of conv_igemm_kernel: one commit group per stage, empty past the end.
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < num_steps) {
-      load_stage(st, st);
-      store_masked(st);
-    } else {
-      cp_async_commit();
-    }
-  }
-  for (int step = 0; step < num_steps; ++step) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = step + kStages - 1;
-    const bool prefetch = next < num_steps;
-    if (prefetch) {
-      load_stage(next, next % kStages);
-    } else {
-      cp_async_commit();
-    }
-    const T* sG = stages + (step % kStages) * kWgradTcStage;
-    const T* sX = sG + kWgradTcRows * kWgradTcLd;
-#pragma unroll
-    for (int kk = 0; kk < kWgradTcRows / 16; ++kk) {
-      // A (channels x rows) from sG stored rows x channels: matrix i of the x4 load covers
-      // rows 8 (i / 2) + [0, 8) and channels 8 (i % 2) + [0, 8).
-      uint32_t af[2][4];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        ldmatrix_x4_trans(af[i], sG + (kk * 16 + (lane / 16) * 8 + lane % 8) * kWgradTcLd +
-                                     wm * 32 + i * 16 + (lane / 8 % 2) * 8);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; j += 2) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, sX + (kk * 16 + lane % 8 + (lane / 8 % 2) * 8) * kWgradTcLd +
-                                  wn * 32 + j * 8 + (lane / 16) * 8);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          mma_16816<T>(acc[i][j], af[i], bf[0], bf[1]);
-          mma_16816<T>(acc[i][j + 1], af[i], bf[2], bf[3]);
-        }
-      }
-    }
-    if (prefetch) store_masked(next % kStages);
-  }
-  cp_async_wait<0>();
+  mma_mainloop<T, kWgradTcStage, kWgradTcRows / 16>(
+      stages, num_steps, acc, load_stage, store_masked,
+      // A (channels x rows) from sG stored rows x channels: matrix i of the x4 load covers rows
+      // 8 (i / 2) + [0, 8) and channels 8 (i % 2) + [0, 8).
+      [&](uint32_t(&a)[4], const T* sG, int kk, int i) {
+        ldmatrix_x4_trans(a, sG + (kk * 16 + (lane / 16) * 8 + lane % 8) * kWgradTcLd + wm * 32 +
+                                 i * 16 + (lane / 8 % 2) * 8);
+      },
+      [&](uint32_t(&b)[4], const T* sG, int kk, int j) {
+        const T* sX = sG + kWgradTcRows * kWgradTcLd;
+        ldmatrix_x4_trans(b, sX + (kk * 16 + lane % 8 + (lane / 8 % 2) * 8) * kWgradTcLd +
+                                 wn * 32 + j * 8 + (lane / 16) * 8);
+      });
 
   float* out = ws + (int64_t(blockIdx.z) * d.K + group * d.Kg) * RSC;
 #pragma unroll

@@ -474,19 +474,21 @@ cudaError_t ngram_counts(const void* tokens, TokenDType dtype, int64_t rows, int
   // All bits set: -1 as int64 (no bad token) and above every position for the kernels' atomicMin.
   cudaError_t err = cudaMemsetAsync(bad_position, 0xff, sizeof(int64_t), stream);
   if (err != cudaSuccess || rows == 0 || L == 0) return err;
+  // The token type as T, for one instantiation of launch_typed per dtype.
+  const auto launch_as = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return launch_typed<T>(tokens, rows, L, vocab_size, n, has_ignore, ignore_index, bins, counts,
+                           bad_position, stream);
+  };
   switch (dtype) {
     case TokenDType::UInt8:
-      return launch_typed<uint8_t>(tokens, rows, L, vocab_size, n, has_ignore, ignore_index, bins,
-                                   counts, bad_position, stream);
+      return launch_as(static_cast<uint8_t*>(nullptr));
     case TokenDType::Int16:
-      return launch_typed<int16_t>(tokens, rows, L, vocab_size, n, has_ignore, ignore_index, bins,
-                                   counts, bad_position, stream);
+      return launch_as(static_cast<int16_t*>(nullptr));
     case TokenDType::Int32:
-      return launch_typed<int32_t>(tokens, rows, L, vocab_size, n, has_ignore, ignore_index, bins,
-                                   counts, bad_position, stream);
+      return launch_as(static_cast<int32_t*>(nullptr));
     case TokenDType::Int64:
-      return launch_typed<int64_t>(tokens, rows, L, vocab_size, n, has_ignore, ignore_index, bins,
-                                   counts, bad_position, stream);
+      return launch_as(static_cast<int64_t*>(nullptr));
   }
   return cudaErrorInvalidValue;
 }

@@ -105,9 +105,47 @@ class DecoderLayer(nn.Module):
         return self.norm3(x + self.dropout(self.ff(x)))
 
 
+class Encoder(nn.Module):
+    """Embedding, then n_layers encoder layers: (B, S) ids -> ((B, S, d_model), padding mask)."""
+
+    def __init__(self, vocab_size, d_model, n_heads, n_layers, d_ff, dropout, max_len, pad_idx):
+        super().__init__()
+        self.pad_idx = pad_idx
+        self.embed = Embedding(vocab_size, d_model, max_len, dropout)
+        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+
+    def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        padding = idx == self.pad_idx
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x, padding)
+        return x, padding
+
+
+class Decoder(nn.Module):
+    """Embedding, n_layers decoder layers (with cross-attention when cross_attention) and the
+    vocabulary head: (B, T) ids [, memory, its padding] -> (B, T, vocab_size) logits."""
+
+    def __init__(self, vocab_size, d_model, n_heads, n_layers, d_ff, dropout, max_len, cross_attention):
+        super().__init__()
+        self.embed = Embedding(vocab_size, d_model, max_len, dropout)
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, n_heads, d_ff, dropout, cross_attention) for _ in range(n_layers)
+        )
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(
+        self, idx: Tensor, memory: Tensor | None = None, memory_padding: Tensor | None = None
+    ) -> Tensor:
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x, memory, memory_padding)
+        return self.head(x)
+
+
 class EncoderClassifier(nn.Module):
     """Encoder-only: (B, T) token ids with pad_idx padding -> (B, num_classes) logits, from the
-    mean of the encoder's outputs over the real tokens."""
+    mean of the encoder's outputs over the real tokens. Defaults: the paper's base model."""
 
     def __init__(
         self,
@@ -122,16 +160,11 @@ class EncoderClassifier(nn.Module):
         pad_idx: int = 0,
     ):
         super().__init__()
-        self.pad_idx = pad_idx
-        self.embed = Embedding(vocab_size, d_model, max_len, dropout)
-        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+        self.encoder = Encoder(vocab_size, d_model, n_heads, n_layers, d_ff, dropout, max_len, pad_idx)
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, idx: Tensor) -> Tensor:
-        padding = idx == self.pad_idx
-        x = self.embed(idx)
-        for layer in self.layers:
-            x = layer(x, padding)
+        x, padding = self.encoder(idx)
         keep = (~padding).unsqueeze(-1).to(x.dtype)
         return self.head((x * keep).sum(1) / keep.sum(1).clamp_min(1.0))
 
@@ -150,17 +183,12 @@ class DecoderLM(nn.Module):
         max_len: int = 5000,
     ):
         super().__init__()
-        self.embed = Embedding(vocab_size, d_model, max_len, dropout)
-        self.layers = nn.ModuleList(
-            DecoderLayer(d_model, n_heads, d_ff, dropout, cross_attention=False) for _ in range(n_layers)
+        self.decoder = Decoder(
+            vocab_size, d_model, n_heads, n_layers, d_ff, dropout, max_len, cross_attention=False
         )
-        self.head = nn.Linear(d_model, vocab_size)
 
     def forward(self, idx: Tensor) -> Tensor:
-        x = self.embed(idx)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+        return self.decoder(idx)
 
 
 class EncoderDecoder(nn.Module):
@@ -180,21 +208,11 @@ class EncoderDecoder(nn.Module):
         pad_idx: int = 0,
     ):
         super().__init__()
-        self.pad_idx = pad_idx
-        self.src_embed = Embedding(src_vocab, d_model, max_len, dropout)
-        self.tgt_embed = Embedding(tgt_vocab, d_model, max_len, dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
-        self.decoder = nn.ModuleList(
-            DecoderLayer(d_model, n_heads, d_ff, dropout, cross_attention=True) for _ in range(n_layers)
+        self.encoder = Encoder(src_vocab, d_model, n_heads, n_layers, d_ff, dropout, max_len, pad_idx)
+        self.decoder = Decoder(
+            tgt_vocab, d_model, n_heads, n_layers, d_ff, dropout, max_len, cross_attention=True
         )
-        self.head = nn.Linear(d_model, tgt_vocab)
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        padding = src == self.pad_idx
-        memory = self.src_embed(src)
-        for layer in self.encoder:
-            memory = layer(memory, padding)
-        x = self.tgt_embed(tgt)
-        for layer in self.decoder:
-            x = layer(x, memory, padding)
-        return self.head(x)
+        memory, padding = self.encoder(src)
+        return self.decoder(tgt, memory, padding)

@@ -23,8 +23,6 @@ struct Case {
   int mask = 0;  // 0 none, 1 random, 2 right padding, 3 left padding, 4 interior padded block + an all-padded batch
 };
 
-int failures = 0;
-
 void check(const std::string& what, const std::vector<float>& got, const std::vector<double>& ref, double tol, const Case& c) {
   double maxref = 1e-30, maxerr = 0; size_t at = 0; int bad_special = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -192,14 +190,5 @@ int main(int argc, char** argv) {
   { Case c; c.name = "empty_Lk0"; c.Lq = 20; c.Lk = 0; c.D = 32; add(c); }
   { Case c; c.name = "empty_Lq0"; c.Lq = 0; c.Lk = 20; c.D = 32; add(c); }
   { Case c; c.name = "big_mixed"; c.B = 2; c.H = 4; c.Hkv = 2; c.Lq = 257; c.Lk = 300; c.D = 128; c.causal = true; c.shift = 43; c.mask = 1; c.p = 0.1; c.bf16 = true; add(c); }
-  const std::string only = argc > 1 ? argv[1] : "";
-  for (const Case& c : cases) {
-    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
-    const int before = failures;
-    run(c);
-    printf("%s %s\n", failures == before ? "ok  " : "FAIL", c.name.c_str());
-    fflush(stdout);
-  }
-  printf("%d failure(s)\n", failures);
-  return failures != 0;
+  return run_cases(argc, argv, cases, run);
 }

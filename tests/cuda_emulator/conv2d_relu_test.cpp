@@ -24,8 +24,6 @@ struct Case {
   bool unaligned = false;  // every tensor one element past a 16-byte boundary
 };
 
-int failures = 0;
-
 // Max error relative to the largest reference magnitude (1e-30 floor: all-zero outputs).
 void check(const Case& c, const char* what, const std::vector<float>& got, const std::vector<double>& ref, double tol) {
   if (ref.empty()) return;
@@ -234,19 +232,5 @@ int main(int argc, char** argv) {
   { Case c; c.want_dx = c.want_dw = false; c.dtype = kF32; c.C = 3; add(c, "only_db_fp32"); }
   { Case c; c.want_db = false; c.bias = false; add(c, "dx_dw_nobias_fp16"); }
   { Case c; c.N = 0; add(c, "empty_batch_fp16"); }
-  const std::string only = argc > 1 ? argv[1] : "";
-  for (const Case& c : cases) {
-    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
-    const int before = failures;
-    run(c);
-    printf("%s %s\n", failures == before ? "ok  " : "FAIL", c.name.c_str());
-    fflush(stdout);
-  }
-  if (only.empty() || std::string("invalid").find(only) != std::string::npos) {
-    const int before = failures;
-    run_invalid();
-    printf("%s invalid\n", failures == before ? "ok  " : "FAIL");
-  }
-  printf("%d failure(s)\n", failures);
-  return failures != 0;
+  return run_cases(argc, argv, cases, run, run_invalid);
 }

@@ -1,7 +1,8 @@
-// What the emulator tests share: the CUDA runtime calls the launchers make, and device buffers
-// that the emulator bounds-checks.
+// What the emulator tests share: the CUDA runtime calls the launchers make, device buffers
+// that the emulator bounds-checks, and the loop that runs the cases and counts failures.
 #pragma once
 #include "emu.h"
+#include <string>
 #include <vector>
 
 extern "C" cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int value) {
@@ -42,3 +43,29 @@ inline uint16_t to_bits(float f, bool bf16) {
   __half h = __float2half_rn(f); uint16_t u; memcpy(&u, &h, 2); return u;
 }
 inline float from_bits(uint16_t u, bool bf16) { return bf16 ? emu::bf16_bits_to_float(u) : emu::half_bits_to_float(u); }
+
+// Failed checks, counted by every test of the binary.
+inline int failures = 0;
+
+// Runs the cases whose name contains argv[1] (all of them without one), one "ok" / "FAIL" line
+// each, then run_invalid (the configs a launcher must refuse) unless argv[1] excludes it, and
+// prints the failure count; returns main's exit status.
+template <typename Case, typename Run>
+int run_cases(int argc, char** argv, const std::vector<Case>& cases, Run&& run,
+              void (*run_invalid)() = nullptr) {
+  const std::string only = argc > 1 ? argv[1] : "";
+  for (const Case& c : cases) {
+    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
+    const int before = failures;
+    run(c);
+    printf("%s %s\n", failures == before ? "ok  " : "FAIL", c.name.c_str());
+    fflush(stdout);
+  }
+  if (run_invalid != nullptr && (only.empty() || std::string("invalid").find(only) != std::string::npos)) {
+    const int before = failures;
+    run_invalid();
+    printf("%s invalid\n", failures == before ? "ok  " : "FAIL");
+  }
+  printf("%d failure(s)\n", failures);
+  return failures != 0;
+}

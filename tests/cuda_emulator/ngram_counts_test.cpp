@@ -58,8 +58,6 @@ struct Case {
   uint64_t span = 0;        // 0: V
 };
 
-int failures = 0;
-
 size_t elem_bytes(TokenDType t) {
   switch (t) {
     case TokenDType::UInt8: return 1;
@@ -264,19 +262,10 @@ int main(int argc, char** argv) {
   for (int64_t V : {150, 120, 150}) { Case c; c.dtype = TokenDType::Int16; c.V = V; c.rows = 3; c.L = 5000; add(c, "i16_n2_V" + std::to_string(V) + "_smem_past_48k"); }
   { Case c; c.dtype = TokenDType::UInt8; c.n = 2; c.rows = 1; c.L = 300007; c.V = 27; c.offset = 5; c.bad_every = 100000; add(c, "u8_n2_long_row_many_blocks"); }
 
-  const std::string only = argc > 1 ? argv[1] : "";
-  for (const Case& c : cases) {
-    if (!only.empty() && c.name.find(only) == std::string::npos) continue;
-    const int before = failures;
-    for (int device = 0; device < 3; ++device) run(c, device);
-    printf("%s %s\n", failures == before ? "ok  " : "FAIL", c.name.c_str());
-    fflush(stdout);
-  }
-  if (only.empty() || std::string("invalid").find(only) != std::string::npos) {
-    const int before = failures;
-    run_invalid();
-    printf("%s invalid\n", failures == before ? "ok  " : "FAIL");
-  }
-  printf("%d failure(s)\n", failures);
-  return failures != 0;
+  return run_cases(
+      argc, argv, cases,
+      [](const Case& c) {
+        for (int device = 0; device < 3; ++device) run(c, device);
+      },
+      run_invalid);
 }
