@@ -267,3 +267,38 @@ def test_autoencoders_learn_and_the_denoiser_matches_its_twin():
     points = torch.rand(64, 3, generator=g)
     losses = train_steps(tiny, lambda s: ((points,), points), mse, steps=200, lr=3e-2)
     assert losses[-1] < losses[0]
+
+
+def test_basic_models_learn():
+    from dlfast.models.basic import (
+        DeepNarrowTanh,
+        GaussianBasisRegression,
+        MLPClassifier,
+        c_shapes,
+        semicircle,
+    )
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = semicircle(generator=g)
+    basis = GaussianBasisRegression()
+    losses = train_steps(basis, lambda s: ((x,), y), F.mse_loss, steps=300, lr=0.05)
+    assert losses[-1] < 0.01 < losses[0]
+    points, labels = c_shapes(200, generator=g)
+    narrow = DeepNarrowTanh()
+    losses = train_steps(narrow, minibatches((points,), labels, 400), F.cross_entropy, steps=300, lr=0.02)
+    assert losses[-1] < 0.6 * losses[0] and len(narrow.activations) == 8
+    mlp = MLPClassifier(2, 2)
+    losses = train_steps(mlp, minibatches((points,), labels, 100), F.cross_entropy, steps=100, lr=1e-2)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_recurrent_forecasters_learn(kind):
+    from dlfast.models.rnn import SeqToVec, noisy_seasonal_series, windows
+
+    torch.manual_seed(0)
+    X, y = windows(noisy_seasonal_series(generator=torch.Generator().manual_seed(0)), 20)
+    assert X.shape == (580, 20, 1) and y.shape == (580,)
+    losses = train_steps(SeqToVec(kind), minibatches((X,), y, 64), F.mse_loss, steps=60, lr=1e-2)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), losses

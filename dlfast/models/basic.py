@@ -1,0 +1,82 @@
+"""The small models of the course notes' first weeks: Gaussian basis-function regression and the
+deep narrow tanh classifier (000, after the Little Book of Deep Learning), and the MLP classifier
+(000 "Multi Layer Perceptrons"; 003 weeks 3-4). None has an op dlfast fuses; they are plain
+torch.nn, with the notes' data generators.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def semicircle(n: int = 50, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(x, y): n sorted points x ~ U(-1, 1) and y = sqrt(1 - x^2)."""
+    x = torch.sort(torch.rand(n, generator=generator) * 2 - 1).values
+    return x, torch.sqrt(1 - x**2)
+
+
+class GaussianBasisRegression(nn.Module):
+    """y = sum_k w_k exp(-(x - c_k)^2 / (2 s^2)): centres evenly on [-1, 1], s = 0.1, the weights
+    w (initially N(0, 1)) the only parameters. Shapes: (n,) -> (n,)."""
+
+    def __init__(self, num_centres: int = 10, scale: float = 0.1):
+        super().__init__()
+        self.register_buffer("centres", torch.linspace(-1, 1, num_centres))
+        self.scale = scale
+        self.weights = nn.Parameter(torch.randn(num_centres))
+
+    def forward(self, x: Tensor) -> Tensor:
+        basis = torch.exp(-((x.unsqueeze(-1) - self.centres) ** 2) / (2 * self.scale**2))
+        return basis @ self.weights
+
+
+def c_shapes(n: int = 1000, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Two interlocking noisy C shapes: (2n, 2) points and their 0/1 labels."""
+
+    def c_shape(x_offset: float, y_offset: float, flip: bool) -> Tensor:
+        theta = torch.rand(n, generator=generator) * math.pi + math.pi / 2
+        x = torch.cos(theta) + 0.1 * torch.randn(n, generator=generator) + x_offset
+        y = torch.sin(theta) + 0.1 * torch.randn(n, generator=generator) + y_offset
+        return torch.stack([1 - x if flip else x, y], dim=1)
+
+    points = torch.cat([c_shape(1.25, -0.5, False), c_shape(0.0, 0.0, True)])
+    return points, torch.cat([torch.zeros(n), torch.ones(n)]).long()
+
+
+class DeepNarrowTanh(nn.Module):
+    """depth x (Linear(2, 2) + tanh), then a 2-class linear head (logits; the notes end in a
+    softmax, which the cross-entropy loss applies). forward keeps every layer's activations in
+    self.activations, for plotting how the layers untangle the classes."""
+
+    def __init__(self, depth: int = 7):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(depth))
+        self.output = nn.Linear(2, 2)
+        self.activations: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.activations = [x.detach()]
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+            self.activations.append(x.detach())
+        return self.output(x)
+
+
+class MLPClassifier(nn.Module):
+    """Linear + ReLU (+ dropout) stacks and a linear head: (N, in_features) -> (N, num_classes)."""
+
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (64, 64), dropout: float = 0.2
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(dropout)]
+            in_features = width
+        self.net = nn.Sequential(*layers, nn.Linear(in_features, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
