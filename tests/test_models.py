@@ -302,3 +302,31 @@ def test_recurrent_forecasters_learn(kind):
     assert X.shape == (580, 20, 1) and y.shape == (580,)
     losses = train_steps(SeqToVec(kind), minibatches((X,), y, 64), F.mse_loss, steps=60, lr=1e-2)
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), losses
+
+
+@pytest.mark.parametrize("kind", ["linear", "dcgan"])
+def test_gans_train_adversarially(kind):
+    from dlfast.models.gan import DCGANDiscriminator, DCGANGenerator, Discriminator, Generator, gan_step
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        gen, disc, z_shape = (
+            Generator(z_dim=8, im_dim=64, hidden=16),
+            Discriminator(im_dim=64, hidden=16),
+            (32, 8),
+        )
+        real = _blob_images(32, 8, g).flatten(1)
+    else:
+        gen, disc = DCGANGenerator(z_dim=8, widths=(32, 16)), DCGANDiscriminator(widths=(16, 32))
+        z_shape, real = (32, 8, 1, 1), _blob_images(32, 16, g) * 2 - 1
+        assert gen(torch.randn(z_shape)).shape == real.shape
+    opt_g = torch.optim.Adam(gen.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    losses = [
+        gan_step(gen, disc, real, torch.randn(z_shape, generator=g), opt_g, opt_d, kind == "dcgan")
+        for _ in range(15)
+    ]
+    assert all(torch.isfinite(torch.tensor(pair)).all() for pair in losses)
+    # The discriminator has learned something about real against generated images.
+    assert losses[-1][0] < losses[0][0], losses
