@@ -330,3 +330,50 @@ def test_gans_train_adversarially(kind):
     assert all(torch.isfinite(torch.tensor(pair)).all() for pair in losses)
     # The discriminator has learned something about real against generated images.
     assert losses[-1][0] < losses[0][0], losses
+
+
+def test_multi_input_and_multi_output_models_learn():
+    from dlfast.models.multi import TwoInputClassifier, TwoOutputClassifier, weighted_loss
+
+    torch.manual_seed(0)
+    images, quadrant = quadrant_images(128, 8, seed=2)
+    alphabet = quadrant // 2  # two "alphabets" of two "characters" each
+    one_hot = F.one_hot(alphabet, 2).float()
+    two_in = TwoInputClassifier(num_alphabets=2, num_classes=4)
+    assert_twin_matches(
+        two_in, (images[:8], one_hot[:8]), lambda logits: F.cross_entropy(logits, quadrant[:8])
+    )
+    losses = train_steps(
+        two_in, minibatches((images, one_hot), quadrant, 32), F.cross_entropy, steps=30, lr=3e-3
+    )
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    two_out = TwoOutputClassifier(num_characters=4, num_alphabets=2)
+    targets = torch.stack([quadrant, alphabet], dim=1)
+    losses = train_steps(
+        two_out,
+        minibatches((images,), targets, 32),
+        lambda outputs, t: weighted_loss(outputs, t[:, 0], t[:, 1]),
+        steps=30,
+        lr=3e-3,
+    )
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+
+
+def test_detector_utilities_and_training():
+    from dlfast.models.detector import RegionDetector, box_iou, images_with_boxes, nms
+
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 2, 2.1], [5, 5, 6, 6]], dtype=torch.float)
+    assert box_iou(boxes[:1], boxes[1:2]).item() == pytest.approx(1 / 7)
+    assert nms(boxes, torch.tensor([0.9, 0.8, 0.7, 0.6]), 0.5).tolist() == [0, 1, 3]
+    torch.manual_seed(0)
+    images, targets = images_with_boxes(128, generator=torch.Generator().manual_seed(0))
+    detector = RegionDetector()
+    assert_twin_matches(detector, (images[:8],), lambda out: F.mse_loss(torch.sigmoid(out[1]), targets[:8]))
+    losses = train_steps(
+        detector,
+        minibatches((images,), targets, 32),
+        lambda out, t: F.mse_loss(torch.sigmoid(out[1]), t),
+        steps=40,
+        lr=3e-3,
+    )
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
