@@ -13,6 +13,7 @@ from conftest import skip_reason, tol
 import dlfast
 from dlfast.models.cnn import CNNClassifier, SimpleResNet
 from dlfast.models.gpt import GPT, get_batch
+from dlfast.train import minibatches
 
 pytestmark = pytest.mark.skipif(
     skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load"
@@ -49,19 +50,6 @@ def assert_twin_matches(model: torch.nn.Module, inputs: tuple, loss_fn) -> None:
     torch.testing.assert_close(ours, theirs, **tol(torch.float32))
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def minibatches(inputs: tuple, target, size: int):
-    """batches(step) for train_steps: the step-th of the consecutive `size`-row slices of the
-    tensors in inputs and of target, cycling."""
-    rows = len(target)
-
-    def batch(step: int):
-        i = step * size % rows
-        pick = lambda t: t[i : i + size] if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return tuple(pick(t) for t in inputs), target[i : i + size]
-
-    return batch
 
 
 def train_steps(model, batches, loss_fn, steps: int, lr: float) -> list[float]:
@@ -377,3 +365,12 @@ def test_detector_utilities_and_training():
         lr=3e-3,
     )
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+
+
+@pytest.mark.parametrize("recipe", ["basis", "rnn", "unet", "detector"])
+def test_offline_training_recipes_run(recipe, capsys):
+    """`python -m dlfast train <recipe>` for the recipes on generated data (a few steps)."""
+    from dlfast.__main__ import main
+
+    assert main(["train", recipe, "--steps", "3"]) == 0
+    assert ("IoU" if recipe in ("unet", "detector") else "MSE") in capsys.readouterr().out
