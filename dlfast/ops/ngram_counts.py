@@ -181,4 +181,5 @@ def _sparse_counts(tokens: Tensor, rows: Tensor, V: int, n: int, ignore_index: i
         _raise_bad_token(tokens, rows, int(bad.view(-1).nonzero()[0, 0]), V, op)
     unique, counts = torch.unique(ids, sorted=True, return_counts=True)
     coords = torch.stack([(unique // V ** (n - 1 - k)) % V for k in range(n)])
-    return torch.sparse_coo_tensor(coords, counts, (V,) * n, is_coalesced=True)
+    # The indices come sorted and unique from torch.unique: valid by construction.
+    return torch.sparse_coo_tensor(coords, counts, (V,) * n, is_coalesced=True, check_invariants=False)
