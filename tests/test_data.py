@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dlfast import data
 
@@ -24,3 +25,10 @@ def test_shakespeare_is_the_plays_only():
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DLFAST_CACHE", str(tmp_path))
     assert data.cache_dir() == tmp_path
+
+
+def test_digits_from_scikit_learn():
+    images, labels = _or_skip(data.digits)
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    assert labels.shape == (1797,) and set(labels.tolist()) == set(range(10))

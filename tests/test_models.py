@@ -367,10 +367,13 @@ def test_detector_utilities_and_training():
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
 
 
-@pytest.mark.parametrize("recipe", ["basis", "rnn", "unet", "detector"])
+@pytest.mark.parametrize("recipe", ["basis", "rnn", "unet", "detector", "cnn", "resnet"])
 def test_offline_training_recipes_run(recipe, capsys):
-    """`python -m dlfast train <recipe>` for the recipes on generated data (a few steps)."""
+    """`python -m dlfast train <recipe>` for the recipes on generated or bundled data (a few steps)."""
     from dlfast.__main__ import main
 
+    if recipe in ("cnn", "resnet"):
+        pytest.importorskip("sklearn", reason="the digits come with scikit-learn")
     assert main(["train", recipe, "--steps", "3"]) == 0
-    assert ("IoU" if recipe in ("unet", "detector") else "MSE") in capsys.readouterr().out
+    expected = {"unet": "IoU", "detector": "IoU", "cnn": "accuracy", "resnet": "accuracy"}.get(recipe, "MSE")
+    assert expected in capsys.readouterr().out
