@@ -6,7 +6,20 @@ import argparse
 
 import torch
 
-RECIPES = ("bigram", "mlp_lm", "gpt", "cnn", "resnet", "unet", "detector", "rnn", "basis")
+RECIPES = (
+    "bigram",
+    "mlp_lm",
+    "gpt",
+    "cnn",
+    "resnet",
+    "autoencoder",
+    "vae",
+    "denoise",
+    "unet",
+    "detector",
+    "rnn",
+    "basis",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         "gpt": _gpt,
         "cnn": _digits_classifier,
         "resnet": _digits_classifier,
+        "autoencoder": _digits_autoencoder,
+        "vae": _digits_autoencoder,
+        "denoise": _digits_autoencoder,
         "unet": _unet,
         "detector": _detector,
         "rnn": _rnn,
@@ -258,4 +274,47 @@ def _digits_classifier(args: argparse.Namespace) -> int:
     with torch.no_grad():
         predicted = model.eval()(images[test].to(args.device)).argmax(1).cpu()
     print(f"held-out accuracy {(predicted == labels[test]).float().mean():.3f} on {len(test)} digits")
+    return 0
+
+
+def _digits_autoencoder(args: argparse.Namespace) -> int:
+    """The MLP autoencoder, the VAE (8 x 8 digits, 2-D latent) or the convolutional denoiser
+    (digits upsampled to its 28 x 28, Gaussian noise 0.3) on scikit-learn's digits: held-out
+    reconstruction MSE against the clean images."""
+    import torch.nn.functional as F
+
+    from dlfast.data import digits
+    from dlfast.models.autoencoder import VAE, Autoencoder, DenoisingAutoencoder
+
+    images, _labels = digits()
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    if args.model == "denoise":
+        images = F.interpolate(images, size=28, mode="bilinear", align_corners=False)
+    order = torch.randperm(len(images), generator=g)
+    cut = int(0.8 * len(images))
+    clean = {"train": images[order[:cut]], "test": images[order[cut:]]}
+    noisy = {k: (v + 0.3 * torch.randn(v.shape, generator=g)).clamp(0, 1) for k, v in clean.items()}
+    inputs = noisy if args.model == "denoise" else clean
+    model = {
+        "autoencoder": lambda: Autoencoder(s_img=8),
+        "vae": lambda: VAE(s_img=8),
+        "denoise": DenoisingAutoencoder,
+    }[args.model]().to(args.device)
+
+    def loss_fn(out, target):
+        if args.model == "vae":  # the notes' loss: reconstruction (summed BCE) + KL
+            return F.binary_cross_entropy(out[0], target, reduction="sum") + out[1]
+        return F.mse_loss(out, target)
+
+    batches = minibatches((inputs["train"],), clean["train"], 64, args.device)
+    _fit(model, batches, loss_fn, args.steps or 1000, 3e-3, args.model)
+    with torch.no_grad():
+        out = model.eval()(inputs["test"].to(args.device))
+        reconstruction = (out[0] if args.model == "vae" else out).cpu()
+    mse = F.mse_loss(reconstruction, clean["test"])
+    line = f"held-out reconstruction MSE {mse:.4f}"
+    if args.model == "denoise":
+        line += f" (the noisy input's: {F.mse_loss(inputs['test'], clean['test']):.4f})"
+    print(line)
     return 0
