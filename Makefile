@@ -21,7 +21,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# Exactly this torch (the CPU wheel on these machines); any other spec could pull CUDA builds.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy "triton>=3.6" expecttest ruff tqdm scikit-learn
+	$(PY) -m pip install --quiet "setuptools>=64" wheel ninja pytest numpy "triton>=3.6" expecttest ruff tqdm scikit-learn matplotlib pytest-benchmark
 	touch $@
 
 # The editable install builds dlfast._C against the venv's torch (no build isolation, see setup.py).
