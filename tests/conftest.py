@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -125,3 +126,10 @@ def check_compiled_model(model: torch.nn.Module, x: torch.Tensor, backend: str, 
         model(x).sum().backward()
     for got, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, **tol(torch.float32))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now: the rendezvous of the two-process gloo tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -32,3 +32,24 @@ def test_digits_from_scikit_learn():
     assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
     assert labels.shape == (1797,) and set(labels.tolist()) == set(range(10))
+
+
+def test_sunspots_from_the_statsmodels_wheel():
+    years, values = _or_skip(data.sunspots)
+    assert years.tolist() == list(range(1700, 2009)) and values.shape == (309,)
+    assert values.dtype == torch.float32 and float(values[0]) == 5.0 and float(values.min()) >= 0.0
+
+
+@pytest.mark.parametrize(
+    "name, shape, classes", [("iris", (150, 4), 3), ("wine", (178, 13), 3), ("breast_cancer", (569, 30), 2)]
+)
+def test_tabular_sets_from_scikit_learn(name, shape, classes):
+    pytest.importorskip("sklearn", reason="the data come with scikit-learn")
+    x, y = data.tabular(name)
+    assert x.shape == shape and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and set(y.tolist()) == set(range(classes))
+
+
+def test_tabular_rejects_unknown_names():
+    with pytest.raises(ValueError, match="iris"):
+        data.tabular("mnist")

@@ -365,17 +365,3 @@ def test_detector_utilities_and_training():
         lr=3e-3,
     )
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
-
-
-@pytest.mark.parametrize(
-    "recipe", ["basis", "rnn", "unet", "detector", "cnn", "resnet", "autoencoder", "vae", "denoise"]
-)
-def test_offline_training_recipes_run(recipe, capsys):
-    """`python -m dlfast train <recipe>` for the recipes on generated or bundled data (a few steps)."""
-    from dlfast.__main__ import main
-
-    if recipe in ("cnn", "resnet", "autoencoder", "vae", "denoise"):
-        pytest.importorskip("sklearn", reason="the digits come with scikit-learn")
-    assert main(["train", recipe, "--steps", "3"]) == 0
-    expected = {"unet": "IoU", "detector": "IoU", "cnn": "accuracy", "resnet": "accuracy"}.get(recipe, "MSE")
-    assert expected in capsys.readouterr().out

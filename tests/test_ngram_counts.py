@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing
+from conftest import free_port
 
 import dlfast
 
@@ -157,12 +157,6 @@ def test_opcheck(backend_device):
     torch.library.opcheck(_KERNELS[backend], (counts, tokens, 11, 2, 3))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _count_shard(rank: int, world: int, port: int, tokens: torch.Tensor, results) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -179,6 +173,6 @@ def test_distributed_counts_sum_over_two_gloo_processes():
     manager = torch.multiprocessing.get_context("spawn").Manager()
     results = manager.dict()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.multiprocessing.spawn(_count_shard, args=(2, _free_port(), tokens, results), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_count_shard, args=(2, free_port(), tokens, results), nprocs=2, join=True)
     want = bincount_composite(tokens, 27, 2)
     assert torch.equal(results[0], want) and torch.equal(results[1], want)

@@ -77,8 +77,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        # Drawn on the CPU, so that a CPU generator seeds it wherever the model lives.
         z = torch.randn(n, self.latent_dims, generator=generator)
-        return self.decoder(z).view(-1, 1, self.s_img, self.s_img)
+        return self.decoder(z.to(self.decoder[0].weight.device)).view(-1, 1, self.s_img, self.s_img)
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
