@@ -49,11 +49,12 @@ def _write_text(args: argparse.Namespace, name: str, text: str) -> None:
 
 def minibatches(inputs: tuple, target: torch.Tensor, size: int, device: str | torch.device | None = None):
     """batches(step) -> (inputs, target): the step-th of the consecutive `size`-row slices of the
-    tensors in inputs and of target, cycling, moved to device; non-tensor inputs pass as they are."""
-    rows = len(target)
+    tensors in inputs and of target, cycling, moved to device; non-tensor inputs pass as they are.
+    The rows after the last whole slice are left out (a batch of one row would break BatchNorm)."""
+    whole = max(1, len(target) // size)
 
     def batch(step: int):
-        i = step * size % rows
+        i = step % whole * size
 
         def pick(t):
             return t[i : i + size].to(device) if isinstance(t, torch.Tensor) else t
@@ -512,7 +513,7 @@ def _gan(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     curves: dict[str, list[float]] = {"discriminator": [], "generator": []}
-    for step in tqdm(range(args.steps or (600 if dcgan else 3000)), desc=args.model, unit="step"):
+    for step in tqdm(range(args.steps or (600 if dcgan else 2000)), desc=args.model, unit="step"):
         _, batch = batches(step)
         z = torch.randn(len(batch), *z_shape, generator=g).to(args.device)
         d_loss, g_loss = gan_step(gen, disc, batch, z, opt_g, opt_d, probabilities=dcgan)
