@@ -1,6 +1,7 @@
 // Every dlfast op schema, declared once. Kernels register against these names from
-// csrc/cpu/*.cpp (CPU) and csrc/cuda_ops.cpp (CUDA); dlfast/ops/*.py adds the fake
-// (meta) and autograd rules, and the Triton and reference backends.
+// csrc/cpu/*.cpp (CPU) and csrc/cuda_ops.cpp (CUDA), their autograd rules from
+// csrc/autograd.cpp; dlfast/ops/*.py adds the fake (meta) implementations, and the Triton and
+// reference backends.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -3,7 +3,10 @@
 An op `name` has a C++ pair, torch.ops.dlfast.<name>_fwd/_bwd (the cpu and cuda backends, present
 when the extension loaded), and a Triton pair, <name>_fwd_triton/_bwd_triton (custom ops defined
 in dlfast/ops/<name>.py). Both pairs take the same arguments, so both get the same fake
-implementations and the same autograd rule, and torch.compile traces any backend alike.
+implementations and compute the same gradients, and torch.compile traces any backend alike.
+The Triton pair's autograd rule is the Python `backward` given here; the C++ pair's is the same
+rule written in C++ (csrc/autograd.cpp), because a Python autograd.Function costs ~0.1 ms a call
+on the host, more than a small LayerNorm or attention takes.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def register_kernels(
     backward: Callable,
     cuda_autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, OpPair]:
-    """Registers the fakes and the autograd rule on every (fwd, bwd) pair of op `name`; returns
-    {kernel backend: (fwd, bwd)}. backward(bwd, ctx, *grads) gets the pair's bwd op first.
+    """Registers the fakes on every (fwd, bwd) pair of op `name` and the autograd rule on the
+    Triton pair; returns {kernel backend: (fwd, bwd)}. backward(bwd, ctx, *grads) gets the pair's
+    bwd op first; csrc/autograd.cpp must compute the same gradients.
     cuda_autocast_dtype: the dtype the forward runs in under CUDA autocast, if it is cast."""
     pairs = [("triton", f"{name}_fwd_triton", f"{name}_bwd_triton")]
     if backends.EXTENSION_ERROR is None:
@@ -39,7 +43,10 @@ def register_kernels(
         bwd = getattr(torch.ops.dlfast, bwd_name).default
         torch.library.register_fake(fwd)(fwd_fake)
         torch.library.register_fake(bwd)(bwd_fake)
-        torch.library.register_autograd(fwd, functools.partial(backward, bwd), setup_context=setup_context)
+        if backend == "triton":  # the C++ pair's autograd rule is C++ (csrc/autograd.cpp)
+            torch.library.register_autograd(
+                fwd, functools.partial(backward, bwd), setup_context=setup_context
+            )
         if cuda_autocast_dtype is not None:
             torch.library.register_autocast(fwd, "cuda", cuda_autocast_dtype)
         kernels[backend] = (fwd, bwd)
