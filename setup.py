@@ -56,7 +56,7 @@ def extension():
     no_cuda_reason = cuda_build_reason()
     with_cuda = no_cuda_reason is None
     sources = (
-        ["csrc/dlfast.cpp"]
+        ["csrc/dlfast.cpp", "csrc/autograd.cpp"]
         + CPU_ISA_SOURCES
         + [p for p in rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp"))) if p not in CPU_ISA_SOURCES]
     )
