@@ -519,8 +519,7 @@ def _gan(args: argparse.Namespace) -> int:
         d_loss, g_loss = gan_step(gen, disc, batch, z, opt_g, opt_d, probabilities=dcgan)
         curves["discriminator"].append(d_loss)
         curves["generator"].append(g_loss)
-    gen.eval(), disc.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # in training mode, as the losses above were: BatchNorm on batch statistics
         fake = gen(torch.randn(64, *z_shape, generator=g).to(args.device))
         d_real, d_fake = disc(real[:256].to(args.device)), disc(fake)
         if not dcgan:  # the linear discriminator gives logits
@@ -623,7 +622,7 @@ def _transformer(args: argparse.Namespace) -> int:
 
     g = torch.Generator().manual_seed(args.seed)
     small = {"d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 128, "dropout": 0.1}
-    steps, device = args.steps or 400, args.device
+    steps, device = args.steps or 1000, args.device
     lm_loss = lambda logits, target: F.cross_entropy(logits.flatten(0, 1), target.flatten())  # noqa: E731
     curves = {}
 

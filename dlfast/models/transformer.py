@@ -44,6 +44,10 @@ class Embedding(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, max_len: int, dropout: float):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model)
+        # N(0, 1 / d_model), so that the scaled embedding is of unit size like the positional
+        # encoding (the paper's embedding, shared with the output layer, is that small). With
+        # nn.Embedding's N(0, 1) the tokens would drown the positions by sqrt(d_model).
+        nn.init.normal_(self.tokens.weight, std=d_model**-0.5)
         self.positions = PositionalEncoding(d_model, max_len, dropout)
         self.scale = math.sqrt(d_model)
 
