@@ -222,6 +222,12 @@ def test_autocast_runs_in_the_autocast_dtype_like_torch(backend_device):
         theirs = F.relu(F.conv2d(x, w, b, padding=1))
     assert ours.dtype == theirs.dtype == dtype
     torch.testing.assert_close(ours, theirs, **tol(dtype))
+    # The second layer of an autocast network: low-precision activations, float32 weights.
+    with torch.autocast(device, dtype=dtype):
+        ours = dlfast.conv2d_relu(x.to(dtype), w, b, padding=1, backend=backend)
+        theirs = F.relu(F.conv2d(x.to(dtype), w, b, padding=1))
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, theirs, **tol(dtype))
 
 
 def test_reference_matches_torch():

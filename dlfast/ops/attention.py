@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlfast import backends, reference
-from dlfast.ops.registry import register_kernels
+from dlfast.ops.registry import autocast_inputs, register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CAUSAL_MODES = (False, True, "top_left", "bottom_right")
@@ -206,11 +206,11 @@ def attention(
     Returns:
         (B, H, Lq, D) in q's dtype. Gradients flow to q, k and v.
     """
-    _check(q, k, v, causal, key_padding_mask, dropout_p, scale)
-    if torch.is_autocast_enabled(q.device.type):
+    if isinstance(q, Tensor):
         # SDPA runs in the autocast dtype (it is on autocast's lower-precision list); so do we.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        # Before the checks, so that they see the dtypes the kernels will.
+        q, k, v = autocast_inputs(q.device.type, q, k, v)
+    _check(q, k, v, causal, key_padding_mask, dropout_p, scale)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = float(D**-0.5 if scale is None else scale)

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlfast import backends, reference
-from dlfast.ops.registry import register_kernels
+from dlfast.ops.registry import autocast_inputs, register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -222,12 +222,11 @@ def conv2d_relu(
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
+    # conv2d is on autocast's lower-precision list: it runs in the autocast dtype, whatever dtypes
+    # its inputs have (bf16 activations meet fp32 weights in any autocast network). Before the
+    # checks, so that they see the dtypes the kernels will.
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
     _check(x, weight, bias, groups)
-    if torch.is_autocast_enabled(x.device.type):
-        # conv2d is on autocast's lower-precision list: it runs in the autocast dtype.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1:
         raise RuntimeError(f"conv2d_relu: stride and dilation must be >= 1, got {stride} and {dilation}")

@@ -53,3 +53,18 @@ def register_kernels(
     if "cpu" in kernels:
         kernels["cuda"] = kernels["cpu"]  # one C++ op, with CPU and CUDA kernels
     return kernels
+
+
+def autocast_inputs(device_type: str, *tensors):
+    """The tensors as autocast, where it is on for device_type, hands them to an op of its
+    lower-precision list (conv2d, SDPA): floating tensors other than float64 cast to the autocast
+    dtype, anything else (None, integer masks, float64) as it is."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        else t
+        for t in tensors
+    )
