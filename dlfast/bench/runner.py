@@ -153,6 +153,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="only the cases whose shape has this size, e.g. --only D=128 (repeatable)",
     )
+    from dlfast.bench.models import MODELS
+
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=["all", *MODELS],
+        help="instead of the ops, time training steps of this dlfast model against its plain-PyTorch "
+        "twin, eager and compiled (repeatable; see dlfast/bench/models.py)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +516,10 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA GPU here", file=sys.stderr)
         return 2
+    if getattr(args, "model", None):
+        from dlfast.bench import models
+
+        return models.run(args, device)
     ops = list(OPS) if args.op == "all" else [args.op]
     try:
         only = [tuple(item.split("=", 1)) for item in args.only]
