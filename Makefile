@@ -14,7 +14,8 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 GPU_PY ?= python3
 GPU_OUT ?= $(or $(OUT),build/gpu-check)
 
-.PHONY: test test-python test-triton-interpreted cuda-check cuda-bindings-check cuda-emulate bench gpu-check lint clean
+.PHONY: test test-python test-triton-interpreted cuda-check cuda-bindings-check cuda-emulate bench gpu-check lint clean \
+	wheel wheel-check
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -91,8 +92,64 @@ cuda-emulate:
 		echo "$$k (EMU_EAGER=1): $$r"; \
 	done
 
+# A wheel into $(DIST), built against the torch of $(WHEEL_PY): the venv's (torch $(TORCH_VERSION), CPU
+# here) by default; `make wheel WHEEL_PY=python3` uses another Python's torch and, where that torch
+# has CUDA and nvcc is found, builds the CUDA kernels too (TORCH_CUDA_ARCH_LIST, see setup.py).
+# Its version label says which torch and CUDA it serves (0.1.0+torch2.13.cpu). build/lib.* goes
+# first, so a module deleted from the source cannot linger in the wheel; build/temp.* (the
+# compiled objects) stays, so ninja recompiles only what changed. The dlfast.egg-info the build
+# leaves in the source root goes too: it would shadow the installed metadata (version, torch
+# pin) of any Python started there.
+WHEEL_PY ?= $(PY)
+DIST ?= dist
+wheel: $(if $(filter $(PY),$(WHEEL_PY)),$(VENV)/.deps)
+	rm -rf build/lib.* build/bdist.*
+	MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(WHEEL_PY) -m pip wheel --no-build-isolation --no-deps -w $(DIST) .
+	rm -rf dlfast.egg-info
+
+# The CPU wheel built, installed with its dependencies into a fresh venv (build/wheel-venv) and
+# smoke-tested from outside the source tree: .ci/wheel_smoke.sh.
+wheel-check:
+	bash .ci/wheel_smoke.sh
+
+# Every op benchmark and the model benchmarks on whatever device is here (the GPU when torch sees
+# one), a JSON per op and per model into $(BENCH_OUT), then one report of them all there
+# (report.md, report.json, the plots). BENCH_ARGS=--quick for a smoke run. A benchmark that fails
+# does not stop the others or the report; the exit status says that it failed.
+BENCH_OUT ?= build/bench/$(shell hostname)
+BENCH_ARGS ?=
+BENCH_MODELS ?= gpt resnet
 bench: $(VENV)/.built
-	$(PY) -m dlfast bench --json build/bench/$$(hostname).json
+	@mkdir -p $(BENCH_OUT); status=0; \
+	for op in $$($(PY) -c 'from dlfast.bench.runner import OPS; print(*OPS)'); do \
+		echo "bench: $$op"; \
+		$(PY) -m dlfast bench --op $$op $(BENCH_ARGS) --json $(BENCH_OUT)/$$op.json || status=1; \
+	done; \
+	for model in $(BENCH_MODELS); do \
+		echo "bench: model $$model"; \
+		$(PY) -m dlfast bench --model $$model $(BENCH_ARGS) --json $(BENCH_OUT)/model-$$model.json || status=1; \
+	done; \
+	$(MAKE) --no-print-directory bench-report BENCH_OUT=$(BENCH_OUT) || status=1; \
+	exit $$status
+
+bench-report: $(VENV)/.built
+	$(PY) -m dlfast.bench.report $(BENCH_OUT) --out $(BENCH_OUT) --title "Benchmark report: $(notdir $(BENCH_OUT))"
+
+# The CPU kernels against PyTorch at the course models' sizes (benchmarks/test_cpu_kernels.py,
+# well under a minute), each case's dlfast/torch time ratio against the committed baseline's: it
+# fails when one got more than BENCH_CPU_FACTOR times worse, and writes the comparison to
+# $(BENCH_CPU_OUT). UPDATE_BASELINE=1 makes this run the baseline (commit it with the change
+# that moved it).
+BENCH_CPU_BASELINE := benchmarks/results/cpu-epyc-2core-avx512/pytest-benchmark-baseline.json
+BENCH_CPU_OUT := build/bench-cpu-regression
+BENCH_CPU_FACTOR ?= 1.5
+bench-cpu-regression: $(VENV)/.built
+	mkdir -p $(BENCH_CPU_OUT)
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_cpu_kernels.py --benchmark-json $(BENCH_CPU_OUT)/run.json
+	$(PY) -m dlfast.bench.report --regression $(BENCH_CPU_OUT)/run.json --baseline $(BENCH_CPU_BASELINE) \
+		--factor $(BENCH_CPU_FACTOR) --stat min --out $(BENCH_CPU_OUT) $(if $(filter 1,$(UPDATE_BASELINE)),--update-baseline)
+
+.PHONY: bench-report bench-cpu-regression
 
 lint: $(VENV)/.deps
 	$(PY) -m ruff check dlfast triton_kernels tests benchmarks setup.py
