@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import statistics
@@ -33,7 +32,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -460,7 +458,7 @@ def format_table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace, device: torch.device) -> int:
     """`python -m dlfast bench --model ...`; returns the exit code (1 when a dlfast copy failed
     or was wrong where its twin ran, or the eager twin did not run)."""
-    from dlfast.bench.runner import metadata
+    from dlfast.bench.runner import metadata, write_json
 
     names = MODELS if "all" in args.model else tuple(dict.fromkeys(args.model))
     compile_ = os.environ.get(COMPILE_ENV, "1") != "0"
@@ -477,10 +475,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         if not args.json:
             return
         meta.update(complete=complete, seconds=round(time.perf_counter() - started, 1))
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        document = {"schema": SCHEMA, "meta": meta, "notes": notes, "rows": rows}
-        path.write_text(json.dumps(document, indent=1) + "\n")
+        write_json(args.json, SCHEMA, meta, notes, rows)
 
     notes.append("bfloat16 rows: torch.autocast(bfloat16) over fp32 weights and fp32 AdamW state")
     if device.type == "cpu":

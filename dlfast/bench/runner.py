@@ -133,6 +133,14 @@ class Work:
     flops: int | None = None
 
 
+def write_json(path: str, schema: str, meta: dict, notes: list[str], rows: list[dict]) -> None:
+    """Writes {"schema", "meta", "notes", "rows"} to path, creating its folder."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    document = {"schema": schema, "meta": meta, "notes": notes, "rows": rows}
+    out.write_text(json.dumps(document, indent=1) + "\n")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of `python -m dlfast bench` to `parser`."""
     parser.add_argument(
@@ -554,10 +562,7 @@ def run(args: argparse.Namespace) -> int:
         meta["matmul_tflops"] = {
             str(dtype).removeprefix("torch."): tflops for dtype, tflops in _MATMUL_TFLOPS.items()
         }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        document = {"schema": SCHEMA, "meta": meta, "notes": notes, "rows": rows}
-        path.write_text(json.dumps(document, indent=1) + "\n")
+        write_json(args.json, SCHEMA, meta, notes, rows)
 
     failures = 0
     for op in ops:
