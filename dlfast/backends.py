@@ -38,10 +38,10 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ("layer_norm", "cpu"): (
         # bf16/fp16, n <= 2^17: torch; modelled: cpu's lead at 2^22 would not pay the 10 us a call costs
         (2**17, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, 2^17 < n: cpu 1.06-1.59x torch (geomean 1.23x) at 2^22 (6 cases; layer_norm.json); below
+        # bf16/fp16, 2^17 < n: cpu 1.13-1.61x torch (geomean 1.27x) at 2^22 (6 cases; layer_norm.json); below
         # 2^22 modelled with its 10 us per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # other dtypes: torch. fp32, any size: torch; cpu 0.84-0.92x torch at 2^22 (6 cases; layer_norm.json)
+        # other dtypes: torch. fp32, any size: torch; cpu 0.92-1.00x torch at 2^22 (6 cases; layer_norm.json)
         (None, None, ("torch",)),
     ),
     # layer_norm on cuda, fwd+bwd against torch: benchmarks/results/h100/layer_norm.json
@@ -59,12 +59,12 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # attention on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/attention.json
     ("attention", "cpu"): (
-        # bf16/fp16, any size: cpu 2.47-4.83x torch (geomean 3.30x) at 2^16, 2^20, 2^21, 2^22 (8 cases;
+        # bf16/fp16, any size: cpu 2.47-7.10x torch (geomean 3.61x) at 2^16, 2^20, 2^21, 2^22 (8 cases;
         # attention.json); below 2^16 modelled with no extra cost per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # fp32, n < 2^20: torch; cpu 0.82-0.89x torch at 2^16 (2 cases; attention.json)
+        # fp32, n < 2^20: torch; cpu 1.00-1.03x torch at 2^16 (2 cases; attention.json)
         (2**20 - 1, (torch.float32,), ("torch",)),
-        # fp32, 2^20 <= n: cpu 2.24-3.55x torch (geomean 2.61x) at 2^20, 2^21, 2^22 (6 cases; attention.json);
+        # fp32, 2^20 <= n: cpu 2.10-3.61x torch (geomean 2.55x) at 2^20, 2^21, 2^22 (6 cases; attention.json);
         # above 2^22 as there
         (None, (torch.float32,), ("cpu", "torch")),
         # other dtypes: torch
@@ -79,20 +79,12 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # conv2d_relu on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/conv2d_relu.json
     ("conv2d_relu", "cpu"): (
-        # bf16/fp16, n <= 786431: torch; cpu 0.90x torch at 50176 (1 case; conv2d_relu.json)
-        (786_431, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, n = 786432: cpu 1.14x torch at 786432 (1 case; conv2d_relu.json)
-        (786_432, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # bf16/fp16, 786433 <= n <= 6422527: torch; cpu 0.97-0.98x torch at 1605632 (2 cases;
-        # conv2d_relu.json)
-        (6_422_527, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, 6422528 <= n: cpu 1.27x torch at 6422528 (1 case; conv2d_relu.json); above 6422528 as
-        # there
-        (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # fp32, n <= 786431: torch; cpu 0.76x torch at 50176 (1 case; conv2d_relu.json)
-        (786_431, (torch.float32,), ("torch",)),
-        # fp32, n = 786432: cpu 1.30x torch at 786432 (1 case; conv2d_relu.json)
-        (786_432, (torch.float32,), ("cpu", "torch")),
+        # bf16/fp16, n <= 786431: torch; cpu 0.96x torch at 50176 (1 case; conv2d_relu.json)
+        # fp32, n <= 786431: torch; cpu 0.81x torch at 50176 (1 case; conv2d_relu.json)
+        (786_431, (torch.bfloat16, torch.float16, torch.float32), ("torch",)),
+        # bf16/fp16, n = 786432: cpu 1.17x torch at 786432 (1 case; conv2d_relu.json)
+        # fp32, n = 786432: cpu 1.29x torch at 786432 (1 case; conv2d_relu.json)
+        (786_432, (torch.bfloat16, torch.float16, torch.float32), ("cpu", "torch")),
         # other dtypes: torch
         (None, None, ("torch",)),
     ),
