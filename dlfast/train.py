@@ -251,7 +251,8 @@ def _gpt(args: argparse.Namespace) -> int:
 
 def _basis(args: argparse.Namespace) -> int:
     """Gaussian basis-function regression of the semicircle: the fitted curve's MSE."""
-    from dlfast.models.basic import GaussianBasisRegression, semicircle
+    from dlfast.data import semicircle
+    from dlfast.models.basic import GaussianBasisRegression
 
     torch.manual_seed(args.seed)
     x, y = semicircle(generator=torch.Generator().manual_seed(args.seed))
@@ -269,7 +270,8 @@ def _basis(args: argparse.Namespace) -> int:
 def _narrow(args: argparse.Namespace) -> int:
     """The deep narrow tanh network (7 x Linear(2, 2) + tanh) on two interlocking C shapes:
     accuracy, and a picture of what each layer makes of the points."""
-    from dlfast.models.basic import DeepNarrowTanh, c_shapes
+    from dlfast.data import c_shapes
+    from dlfast.models.basic import DeepNarrowTanh
 
     torch.manual_seed(args.seed)
     points, labels = c_shapes(500, generator=torch.Generator().manual_seed(args.seed))
@@ -538,7 +540,8 @@ def _gan(args: argparse.Namespace) -> int:
 def _unet(args: argparse.Namespace) -> int:
     """U-Net on generated shapes with masks: mean IoU of the shape class on held-out images, and a
     picture of images, true and predicted masks."""
-    from dlfast.models.unet import UNet, iou, shapes_with_masks
+    from dlfast.data import shapes_with_masks
+    from dlfast.models.unet import UNet, iou
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -562,7 +565,8 @@ def _unet(args: argparse.Namespace) -> int:
 
 def _detector(args: argparse.Namespace) -> int:
     """Region detector's box head on generated boxes: mean IoU of predicted and true boxes."""
-    from dlfast.models.detector import RegionDetector, box_iou, images_with_boxes
+    from dlfast.data import images_with_boxes
+    from dlfast.models.detector import RegionDetector, box_iou
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)

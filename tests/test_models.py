@@ -136,7 +136,8 @@ def test_mlp_language_model_starts_uniform_and_learns():
 
 
 def test_unet_matches_its_twin_and_learns_to_segment():
-    from dlfast.models.unet import UNet, iou, shapes_with_masks
+    from dlfast.data import shapes_with_masks
+    from dlfast.models.unet import UNet, iou
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -258,13 +259,8 @@ def test_autoencoders_learn_and_the_denoiser_matches_its_twin():
 
 
 def test_basic_models_learn():
-    from dlfast.models.basic import (
-        DeepNarrowTanh,
-        GaussianBasisRegression,
-        MLPClassifier,
-        c_shapes,
-        semicircle,
-    )
+    from dlfast.data import c_shapes, semicircle
+    from dlfast.models.basic import DeepNarrowTanh, GaussianBasisRegression, MLPClassifier
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -283,7 +279,8 @@ def test_basic_models_learn():
 
 @pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
 def test_recurrent_forecasters_learn(kind):
-    from dlfast.models.rnn import SeqToVec, noisy_seasonal_series, windows
+    from dlfast.data import noisy_seasonal_series
+    from dlfast.models.rnn import SeqToVec, windows
 
     torch.manual_seed(0)
     X, y = windows(noisy_seasonal_series(generator=torch.Generator().manual_seed(0)), 20)
@@ -348,7 +345,8 @@ def test_multi_input_and_multi_output_models_learn():
 
 
 def test_detector_utilities_and_training():
-    from dlfast.models.detector import RegionDetector, box_iou, images_with_boxes, nms
+    from dlfast.data import images_with_boxes
+    from dlfast.models.detector import RegionDetector, box_iou, nms
 
     boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 2, 2.1], [5, 5, 6, 6]], dtype=torch.float)
     assert box_iou(boxes[:1], boxes[1:2]).item() == pytest.approx(1 / 7)

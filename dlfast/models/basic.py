@@ -1,21 +1,13 @@
 """The small models of the course notes' first weeks: Gaussian basis-function regression and the
 deep narrow tanh classifier (000, after the Little Book of Deep Learning), and the MLP classifier
 (000 "Multi Layer Perceptrons"; 003 weeks 3-4). None has an op dlfast fuses; they are plain
-torch.nn, with the notes' data generators.
+torch.nn; their data generators are in dlfast.data.generated.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
-
-
-def semicircle(n: int = 50, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """(x, y): n sorted points x ~ U(-1, 1) and y = sqrt(1 - x^2)."""
-    x = torch.sort(torch.rand(n, generator=generator) * 2 - 1).values
-    return x, torch.sqrt(1 - x**2)
 
 
 class GaussianBasisRegression(nn.Module):
@@ -31,19 +23,6 @@ class GaussianBasisRegression(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         basis = torch.exp(-((x.unsqueeze(-1) - self.centres) ** 2) / (2 * self.scale**2))
         return basis @ self.weights
-
-
-def c_shapes(n: int = 1000, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Two interlocking noisy C shapes: (2n, 2) points and their 0/1 labels."""
-
-    def c_shape(x_offset: float, y_offset: float, flip: bool) -> Tensor:
-        theta = torch.rand(n, generator=generator) * math.pi + math.pi / 2
-        x = torch.cos(theta) + 0.1 * torch.randn(n, generator=generator) + x_offset
-        y = torch.sin(theta) + 0.1 * torch.randn(n, generator=generator) + y_offset
-        return torch.stack([1 - x if flip else x, y], dim=1)
-
-    points = torch.cat([c_shape(1.25, -0.5, False), c_shape(0.0, 0.0, True)])
-    return points, torch.cat([torch.zeros(n), torch.ones(n)]).long()
 
 
 class DeepNarrowTanh(nn.Module):

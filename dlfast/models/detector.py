@@ -56,17 +56,3 @@ class RegionDetector(nn.Module):
     def forward(self, crops: Tensor) -> tuple[Tensor, Tensor]:
         features = self.backbone(crops)
         return self.classifier(features), self.box_regressor(features)
-
-
-def images_with_boxes(
-    n: int, size: int = 16, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """n noisy images with one bright rectangle each, and its box (x1, y1, x2, y2) scaled to [0, 1]."""
-    images = 0.2 * torch.randn(n, 1, size, size, generator=generator)
-    boxes = torch.empty(n, 4)
-    for i in range(n):
-        x1, y1 = (int(v) for v in torch.randint(0, size // 2, (2,), generator=generator))
-        w, h = (int(v) for v in torch.randint(size // 4, size // 2, (2,), generator=generator))
-        images[i, 0, y1 : y1 + h, x1 : x1 + w] += 1.0
-        boxes[i] = torch.tensor([x1, y1, x1 + w, y1 + h]) / size
-    return images, boxes

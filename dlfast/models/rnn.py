@@ -5,9 +5,6 @@ recurrent layers (cuDNN on the GPU) are used as they are: dlfast has no recurren
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor, nn
 
 _CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -17,12 +14,6 @@ def windows(series: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """(X, y): every window of `length` consecutive values, (N, length, 1), and the value after it."""
     X = series.unfold(0, length, 1)[:-1]
     return X.unsqueeze(-1), series[length:]
-
-
-def noisy_seasonal_series(n: int = 600, period: int = 50, generator: torch.Generator | None = None) -> Tensor:
-    """A sine of the given period with a slow trend and noise: the synthetic stand-in series."""
-    t = torch.arange(n, dtype=torch.float32)
-    return torch.sin(2 * math.pi * t / period) + 0.002 * t + 0.1 * torch.randn(n, generator=generator)
 
 
 class SeqToVec(nn.Module):

@@ -63,22 +63,3 @@ def iou(pred: Tensor, target: Tensor) -> float:
     """Intersection over union of two boolean masks (1.0 when both are empty)."""
     union = (pred | target).sum().item()
     return 1.0 if union == 0 else (pred & target).sum().item() / union
-
-
-def shapes_with_masks(
-    n: int, size: int = 32, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """n noisy grey images, each with one bright filled disc or square at a random place and
-    size, and its (n, size, size) int64 mask (1 inside the shape)."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    images, masks = [], []
-    for _ in range(n):
-        r = int(torch.randint(size // 8, size // 3, (1,), generator=generator))
-        cy, cx = (int(v) for v in torch.randint(r, size - r, (2,), generator=generator))
-        if bool(torch.rand(1, generator=generator) < 0.5):
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        else:
-            mask = ((yy - cy).abs() <= r) & ((xx - cx).abs() <= r)
-        images.append(mask.float() + 0.3 * torch.randn(size, size, generator=generator))
-        masks.append(mask.long())
-    return torch.stack(images).unsqueeze(1), torch.stack(masks)

