@@ -95,6 +95,24 @@ def test_layouts_like_torch(backend_device, layout):
         assert ours.is_contiguous(memory_format=fmt) == theirs.is_contiguous(memory_format=fmt), fmt
 
 
+def test_first_layer_gradients_without_an_input_gradient(backend_device):
+    """A first layer's input needs no gradient: dweight and dbias alone (the CPU's direct
+    route computes them without ATen), as torch's conv + relu gives them, and no dx."""
+    backend, device = backend_device
+    x, w, b = make_inputs(CASES["one-channel-5x5"], torch.float32, device)
+    grads = []
+    for conv in (
+        lambda x, w, b: dlfast.conv2d_relu(x, w, b, padding=2, backend=backend),
+        lambda x, w, b: F.relu(F.conv2d(x, w, b, padding=2)),
+    ):
+        wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        (conv(x, wl, bl) * torch.arange(x.shape[-1], device=device)).sum().backward()
+        grads.append((wl.grad, bl.grad))
+    assert not x.requires_grad and x.grad is None
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, **tol(torch.float32))
+
+
 def test_unbatched_input(backend_device):
     backend, device = backend_device
     case = CASES["course-first-layer"]
