@@ -64,12 +64,12 @@ def minibatches(inputs: tuple, target: torch.Tensor, size: int, device: str | to
     return batch
 
 
-def _fit(model, batches, loss_fn, steps: int, lr: float, desc: str, optimizer=None) -> list[float]:
-    """Adam (or `optimizer`) over `steps` batches(step) -> (inputs tuple, target), with a progress
-    bar; returns the loss per step."""
+def _fit(model, batches, loss_fn, steps: int, lr: float, desc: str) -> list[float]:
+    """Adam over `steps` batches(step) -> (inputs tuple, target), with a progress bar; returns the
+    loss per step."""
     from tqdm import tqdm
 
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for step in tqdm(range(steps), desc=desc, unit="step"):
         inputs, target = batches(step)

@@ -458,7 +458,7 @@ def format_table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace, device: torch.device) -> int:
     """`python -m dlfast bench --model ...`; returns the exit code (1 when a dlfast copy failed
     or was wrong where its twin ran, or the eager twin did not run)."""
-    from dlfast.bench.runner import metadata, write_json
+    from dlfast.bench.runner import metadata, print_summary, write_json
 
     names = MODELS if "all" in args.model else tuple(dict.fromkeys(args.model))
     compile_ = os.environ.get(COMPILE_ENV, "1") != "0"
@@ -502,11 +502,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         save(False)
     meta["seconds"] = round(time.perf_counter() - started, 1)
 
-    print(f"\n{meta['device']}, torch {meta['torch']}; training steps; vs twin: > 1 means dlfast is faster")
-    print(format_table(rows))
-    for text in notes:
-        print(f"note: {text}")
-    print(f"({meta['seconds']} s)")
+    print_summary(meta, "training steps; vs twin: > 1 means dlfast is faster", format_table(rows), notes)
     if args.json:
         save(True)
         print(f"wrote {args.json}")

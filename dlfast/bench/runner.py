@@ -141,6 +141,15 @@ def write_json(path: str, schema: str, meta: dict, notes: list[str], rows: list[
     out.write_text(json.dumps(document, indent=1) + "\n")
 
 
+def print_summary(meta: dict, headline: str, table: str, notes: list[str]) -> None:
+    """The end of a benchmark run on stdout: device and torch, headline, the table, the notes."""
+    print(f"\n{meta['device']}, torch {meta['torch']}, {headline}")
+    print(table)
+    for text in notes:
+        print(f"note: {text}")
+    print(f"({meta['seconds']} s)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of `python -m dlfast bench` to `parser`."""
     parser.add_argument(
@@ -571,15 +580,8 @@ def run(args: argparse.Namespace) -> int:
         )
     meta["seconds"] = round(time.perf_counter() - started, 1)
 
-    print(
-        f"\n{meta['device']}, torch {meta['torch']}, copy {copy_gbps:.1f} GB/s; "
-        "vs torch and vs best peer: > 1 means faster"
-    )
-    print(format_table(rows))
-    for text in notes:
-        print(f"note: {text}")
-    print(f"({meta['seconds']} s)")
-
+    headline = f"copy {copy_gbps:.1f} GB/s; vs torch and vs best peer: > 1 means faster"
+    print_summary(meta, headline, format_table(rows), notes)
     if args.json:
         save(True)
         print(f"wrote {args.json}")
