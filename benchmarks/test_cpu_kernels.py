@@ -25,8 +25,6 @@ machine rather than the kernels:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,25 +36,15 @@ from torch import Tensor
 
 import dlfast
 from dlfast import backends
+from dlfast.bench.runner import keep_freed_memory
 
 if backends.unavailable_reason("cpu") is not None:
     pytest.skip(f"dlfast's cpu backend: {backends.unavailable_reason('cpu')}", allow_module_level=True)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def _keep_freed_memory(nbytes: int) -> None:
-    libc = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
-    if mallopt is not None:  # glibc; elsewhere the allocator is left as it is
-        mallopt(M_MMAP_THRESHOLD, nbytes)
-        mallopt(M_TRIM_THRESHOLD, nbytes)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_machine() -> Iterator[None]:
-    _keep_freed_memory(256 * 2**20)
+    keep_freed_memory()
     before = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("DLFAST_BENCH_THREADS", "1")))
     yield

@@ -1,13 +1,16 @@
-// Conv2d + bias + ReLU on the CPU. Three routes, chosen by measurement on the course shapes
-// (benchmarks/results/cpu-epyc-2core-avx512/conv2d_relu.json):
-//   - float32 / float16 with few channels per group (C / groups <= 4: first layers, depthwise):
-//     the direct kernel of conv2d_relu_kernel.h, where oneDNN's GEMM-based convolution is mostly
-//     packing overhead (bfloat16 stays with oneDNN, whose AVX512-BF16 code beats it there);
-//   - float32 / bfloat16 otherwise: oneDNN's convolution with ReLU as a fused post-op
-//     (mkldnn::_convolution_pointwise, the op inductor's CPU backend uses for the same fusion),
-//     so the output is written once, already rectified;
-//   - anything else (float64, float16, a build without oneDNN): ATen's convolution, then an
-//     in-place ReLU.
+// Conv2d + bias + ReLU on the CPU, through oneDNN: its convolution with ReLU as a fused post-op
+// (mkldnn::_convolution_pointwise, the op inductor's CPU backend uses for the same fusion), in the
+// layout the input comes in, so the output is written once, already rectified. Measured against
+// every other route on the course and ResNet shapes (conv2d_relu.json in
+// benchmarks/results/cpu-epyc-2core-avx512/), it was the fastest or within noise of it everywhere:
+// faster than ATen's convolution + in-place ReLU by the ReLU's pass, than a direct kernel of our own
+// for 1-3 input channels (which had looked faster only while fresh buffers were page-faulted in on
+// every call), and than converting to channels_last for oneDNN and back.
+//   - float16 is computed in float32 and rounded once: oneDNN's float16 convolution needs
+//     AVX512-FP16 or AVX-NE-CONVERT, and without them ATen's float16 convolution is a scalar loop
+//     (169 ms against 5 ms in float32 for 64 x 32 x 28 x 28 -> 64);
+//   - float64, and any dtype in a torch built without oneDNN: ATen's convolution, then an in-place
+//     ReLU.
 // The backward masks dy with y > 0 in one pass (threshold_backward) and hands the masked
 // gradient to ATen's convolution_backward (oneDNN), which computes dx, dweight and dbias.
 #include <ATen/core/Tensor.h>
@@ -23,12 +26,8 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_kernels.h"
-
 namespace dlfast::cpu {
 namespace {
-
-constexpr int64_t kConv2dDirectMaxCg = 4;
 
 struct ConvShape {
   int64_t N, C, H, W, K, R, S, P, Q;
@@ -83,25 +82,6 @@ at::MemoryFormat conv_memory_format(const at::Tensor& x, const at::Tensor& weigh
   return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-at::Tensor direct_conv2d_relu(const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, const ConvShape& s,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t groups) {
-  const auto xc = x.contiguous();
-  const auto w32 = weight.to(at::kFloat).contiguous();
-  const auto b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  auto y = at::empty({s.N, s.K, s.P, s.Q}, x.options());
-  const Conv2dReluDirectArgs args{xc.data_ptr(), w32.data_ptr<float>(),
-                                  b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr(),
-                                  s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.P, s.Q, groups,
-                                  stride[0], stride[1], padding[0], padding[1], dilation[0],
-                                  dilation[1], x.scalar_type()};
-  if (y.numel() > 0) {
-    DLFAST_CPU_DISPATCH(conv2d_relu_direct_fwd, args);
-  }
-  return y;
-}
-
 // oneDNN's convolution with a fused ReLU, called boxed (its C++ signature is internal to torch);
 // an undefined tensor when this torch has no such op.
 at::Tensor onednn_conv2d_relu(const at::Tensor& x, const at::Tensor& weight,
@@ -125,23 +105,25 @@ at::Tensor onednn_conv2d_relu(const at::Tensor& x, const at::Tensor& weight,
   return stack[0].toTensor();
 }
 
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
 at::Tensor conv2d_relu_fwd(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvShape s = check_conv(x, weight, bias, stride, padding, dilation, groups);
-  const auto format = conv_memory_format(x, weight);
   const auto dtype = x.scalar_type();
+  if (dtype == at::kHalf) {
+    return conv2d_relu_fwd(x.to(at::kFloat), weight.to(at::kFloat), to_float(bias), stride,
+                           padding, dilation, groups)
+        .to(at::kHalf);
+  }
+  const auto format = conv_memory_format(x, weight);
   at::Tensor y;
-  if ((dtype == at::kFloat || dtype == at::kHalf) && s.C / groups <= kConv2dDirectMaxCg) {
-    y = direct_conv2d_relu(x, weight, bias, s, stride, padding, dilation, groups);
-  } else if (dtype == at::kFloat && s.N > 0) {
-    // oneDNN's float32 convolution runs far faster on channels_last data than on NCHW, by more
-    // than the two layout copies cost (measured 1.3-1.5x on the ResNet shapes on 2 cores).
-    y = onednn_conv2d_relu(x.contiguous(at::MemoryFormat::ChannelsLast),
-                           weight.contiguous(at::MemoryFormat::ChannelsLast), bias, stride, padding,
+  if ((dtype == at::kFloat || dtype == at::kBFloat16) && s.N > 0) {
+    y = onednn_conv2d_relu(x.contiguous(format), weight.contiguous(format), bias, stride, padding,
                            dilation, groups);
-  } else if (dtype == at::kBFloat16 && s.N > 0) {
-    y = onednn_conv2d_relu(x, weight, bias, stride, padding, dilation, groups);
   }
   if (!y.defined()) {
     y = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups).relu_();
@@ -160,6 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_bwd(
               ", got ", dy.sizes(), " and ", y.sizes());
   TORCH_CHECK(dy.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
               "dlfast::conv2d_relu: dy and y must be ", x.scalar_type());
+  if (x.scalar_type() == at::kHalf) {  // in float32, as the forward (see the top of the file)
+    const auto to_half = [](const at::Tensor& t) { return t.to(at::kHalf); };
+    const auto [dx, dweight, dbias] =
+        conv2d_relu_bwd(dy.to(at::kFloat), y.to(at::kFloat), x.to(at::kFloat),
+                        weight.to(at::kFloat), stride, padding, dilation, groups, output_mask);
+    return {to_half(dx), to_half(dweight), to_half(dbias)};
+  }
   const auto format = conv_memory_format(x, weight);
   const auto g = at::threshold_backward(dy, y, 0);
   const std::vector<int64_t> bias_sizes{s.K};

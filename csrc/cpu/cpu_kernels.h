@@ -85,27 +85,12 @@ struct AttentionBwdArgs {
   c10::ScalarType dtype;
 };
 
-// Direct Conv2d + bias + ReLU for small per-group channel counts (conv2d_relu.cpp routes
-// here when C / groups is at most kConv2dDirectMaxCg). x: (N, C, H, W) and y: (N, K, P, Q)
-// contiguous in `dtype`; weight: (K, C / groups, R, S) and bias: (K,) (or nullptr)
-// contiguous float32, converted once by the caller. Padding is symmetric.
-struct Conv2dReluDirectArgs {
-  const void* x;
-  const float* weight;
-  const float* bias;
-  void* y;
-  int64_t N, C, H, W, K, R, S, P, Q, groups;
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  c10::ScalarType dtype;
-};
-
 #define DLFAST_DECLARE_CPU_KERNELS(ISA)                             \
   namespace ISA {                                                   \
   void layer_norm_fwd(const LayerNormFwdArgs& args);                \
   void layer_norm_bwd(const LayerNormBwdArgs& args);                \
   void attention_fwd(const AttentionFwdArgs& args);                 \
   void attention_bwd(const AttentionBwdArgs& args);                 \
-  void conv2d_relu_direct_fwd(const Conv2dReluDirectArgs& args);    \
   }
 
 DLFAST_DECLARE_CPU_KERNELS(DEFAULT)

@@ -467,6 +467,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     meta["timer"] = (
         "time.perf_counter per training step between device synchronisations, median of "
         "interleaved rounds (one step of each copy per round)"
+        + (", freed memory kept by malloc" if device.type == "cpu" else "")
     )
     notes: list[str] = []
     rows: list[dict] = []
