@@ -18,6 +18,7 @@ CASES = {
     "groups2": (2, 4, 8, 8, 8, 3, 3, 1, 1, 1, 2),
     "depthwise": (1, 8, 7, 7, 8, 3, 3, 1, 1, 1, 8),
     "one-channel-5x5": (2, 1, 12, 12, 4, 5, 5, 1, 2, 1, 1),
+    "few-channels-strided-dilated": (3, 2, 11, 13, 6, 3, 3, (2, 1), 1, (1, 2), 1),
     "1x1-16ch": (1, 16, 6, 6, 16, 1, 1, 1, 0, 1, 1),  # a GEMM with a 16-deep reduction
     "even-kernel-same": (2, 3, 8, 8, 4, 4, 4, 1, "same", 1, 1),  # asymmetric 'same' padding
     "stride2-pad1-24ch": (2, 24, 9, 9, 32, 3, 3, 2, 1, 1, 1),  # several reduction tiles
@@ -220,6 +221,25 @@ def test_gradcheck_float64_cpu(groups):
         return dlfast.conv2d_relu(x, w, b, padding=1, groups=groups, backend="cpu")
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+def test_cpu_backward_does_not_depend_on_the_thread_count():
+    """The CPU's direct backward (few channels per group) sums dweight and dbias in fixed chunks
+    of images, whatever the threads: bitwise the same gradients on one thread and on two."""
+    x, w, b = make_inputs((5, 3, 9, 9, 8, 3, 3, 1, 1, 1, 1), torch.float32, "cpu")
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+            dlfast.conv2d_relu(*leaves, padding=1, backend="cpu").sum().backward()
+            grads.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*grads, strict=True):
+        assert torch.equal(one, two)
 
 
 def test_torch_compile_fullgraph(backend_device):

@@ -85,12 +85,30 @@ struct AttentionBwdArgs {
   c10::ScalarType dtype;
 };
 
+// Backward of Conv2d + ReLU for few input channels per group (conv2d_relu.cpp routes here when
+// C / groups is at most kConv2dDirectBwdMaxCg). x, dy, y (the forward's output): NCHW contiguous
+// in `dtype`; weight: (K, C / groups, R, S) contiguous float32. Outputs, each nullptr when not
+// wanted: dx NCHW contiguous in `dtype`; dweight (K, C / groups, R, S) and dbias (K,) float32.
+struct Conv2dReluBwdArgs {
+  const void* x;
+  const void* dy;
+  const void* y;
+  const float* weight;
+  void* dx;
+  float* dweight;
+  float* dbias;
+  int64_t N, C, H, W, K, R, S, P, Q, groups;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  c10::ScalarType dtype;
+};
+
 #define DLFAST_DECLARE_CPU_KERNELS(ISA)                             \
   namespace ISA {                                                   \
   void layer_norm_fwd(const LayerNormFwdArgs& args);                \
   void layer_norm_bwd(const LayerNormBwdArgs& args);                \
   void attention_fwd(const AttentionFwdArgs& args);                 \
   void attention_bwd(const AttentionBwdArgs& args);                 \
+  void conv2d_relu_direct_bwd(const Conv2dReluBwdArgs& args);       \
   }
 
 DLFAST_DECLARE_CPU_KERNELS(DEFAULT)

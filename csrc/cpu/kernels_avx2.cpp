@@ -12,3 +12,4 @@
 #define CPU_CAPABILITY_AVX2
 #include "layer_norm_kernel.h"
 #include "attention_kernel.h"
+#include "conv2d_relu_kernel.h"

@@ -15,3 +15,4 @@
 #define CPU_CAPABILITY_AVX512
 #include "layer_norm_kernel.h"
 #include "attention_kernel.h"
+#include "conv2d_relu_kernel.h"

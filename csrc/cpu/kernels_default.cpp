@@ -5,3 +5,4 @@
 #define CPU_CAPABILITY_DEFAULT
 #include "layer_norm_kernel.h"
 #include "attention_kernel.h"
+#include "conv2d_relu_kernel.h"
