@@ -95,15 +95,16 @@ def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
 CPU_ISA_LEVELS = ("default", "avx2", "avx512")
 
 
-def run_on_cpu_isa(isa: str, script: str) -> None:
+def run_on_cpu_isa(isa: str, script: str, **env_vars: str) -> None:
     """Runs `script` in a fresh process whose CPU kernels are the `isa` build (ATEN_CPU_CAPABILITY
-    picks it at load), with tests/ importable; skips levels above this CPU's, fails on an error."""
+    picks it at load), with tests/ importable and `env_vars` set; skips levels above this CPU's,
+    fails on an error."""
     this_cpu = torch.backends.cpu.get_cpu_capability().lower()
     if this_cpu in CPU_ISA_LEVELS and CPU_ISA_LEVELS.index(isa) > CPU_ISA_LEVELS.index(this_cpu):
         pytest.skip(f"this CPU tops out at {this_cpu}")
     script = f"import dlfast._C\nassert dlfast._C.cpu_isa == {isa.upper()!r}, dlfast._C.cpu_isa\n" + script
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=os.path.join(root, "tests"), **env_vars)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
     assert done.returncode == 0, done.stderr
 

@@ -22,6 +22,7 @@ struct LayerNormFwdArgs {
   int64_t N;
   double eps;
   c10::ScalarType dtype;
+  bool stream_y;  // write y with non-temporal stores (see layer_norm.cpp)
 };
 
 // dy, x, dx: (M, N) row-major; weight: (N,) or nullptr; mean, rstd: (M,) from the
@@ -38,6 +39,7 @@ struct LayerNormBwdArgs {
   int64_t M;
   int64_t N;
   c10::ScalarType dtype;
+  bool stream_dx;  // write dx with non-temporal stores (see layer_norm.cpp)
 };
 
 // What both attention passes take (csrc/dlfast.cpp states the semantics). q: (B, H, Lq, D);

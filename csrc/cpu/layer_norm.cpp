@@ -6,6 +6,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include <optional>
 
 #include "cpu_kernels.h"
@@ -59,6 +61,23 @@ const void* vector_ptr(const std::optional<at::Tensor>& t, const at::Tensor& x, 
   return t->data_ptr();
 }
 
+// Outputs from 32 MiB up are written with non-temporal stores, which skip reading each
+// destination line before writing it: the forward then moves 2 bytes per output byte instead of
+// 3, the backward 3 instead of 4. The price is that the output is not left in the cache for the
+// op that reads it next. Measured on the 2-core EPYC VM (32 MiB L3), LayerNorm then a sum of its
+// output, float32 rows of 1024: at 8192 rows (32 MiB) 1.37 ms streamed against 1.72 ms plain, at
+// 4096 rows (16 MiB) 0.69 against 0.64 ms, the sum's reads from the L3 outweighing the saved
+// traffic. DLFAST_LN_STREAM_MIN (bytes, read once) overrides the threshold, for the tests.
+int64_t stream_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("DLFAST_LN_STREAM_MIN");
+    return env != nullptr ? std::atoll(env) : int64_t{32} << 20;
+  }();
+  return bytes;
+}
+
+bool stream_output(const at::Tensor& out) { return out.nbytes() >= stream_min_bytes(); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
@@ -69,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   auto rstd = at::empty({M}, x.options().dtype(stats_dtype(x)));
   LayerNormFwdArgs args{x.data_ptr(), vector_ptr(weight, x, "weight"),
                         vector_ptr(bias, x, "bias"), y.data_ptr(), mean.data_ptr(),
-                        rstd.data_ptr(), M, N, eps, x.scalar_type()};
+                        rstd.data_ptr(), M, N, eps, x.scalar_type(), stream_output(y)};
   if (M > 0 && N > 0) {
     DLFAST_CPU_DISPATCH(layer_norm_fwd, args);
   }
@@ -102,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   LayerNormBwdArgs args{dy.data_ptr(), x.data_ptr(), vector_ptr(weight, x, "weight"),
                         mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
                         weight_grad ? dweight.data_ptr() : nullptr,
-                        bias_grad ? dbias.data_ptr() : nullptr, M, N, x.scalar_type()};
+                        bias_grad ? dbias.data_ptr() : nullptr, M, N, x.scalar_type(),
+                        stream_output(dx)};
   if (N > 0) {
     DLFAST_CPU_DISPATCH(layer_norm_bwd, args);
   }

@@ -11,11 +11,15 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <tuple>
 #include <type_traits>
@@ -82,6 +86,39 @@ struct RowIO {
     } else {
       v[0].store(p);
     }
+  }
+  // A store that bypasses the caches (non-temporal): the destination line is not read for
+  // ownership first, so a memory-bound pass writing an output moves a third fewer bytes. p must
+  // be aligned to kAlign; where the ISA has no such store, a plain one.
+  static void stream(T* p, const Vec (&v)[kVecs]) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kWiden) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(v[0], v[1]));
+    } else if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, v[0]);
+    } else {
+      _mm512_stream_pd(p, v[0]);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kWiden) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(v[0], v[1]));
+    } else if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, v[0]);
+    } else {
+      _mm256_stream_pd(p, v[0]);
+    }
+#else
+    store(p, v);
+#endif
+  }
+  static constexpr uintptr_t kAlign = kStep * sizeof(T);
+  // Whether a row starting at p can be written by stream() (each step stays aligned).
+  static bool can_stream(const T* p) { return reinterpret_cast<uintptr_t>(p) % kAlign == 0; }
+  // Orders this thread's non-temporal stores before what follows (they are weakly ordered).
+  static void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    _mm_sfence();
+#endif
   }
 };
 
@@ -161,7 +198,7 @@ const acc_t<T>* load_and_moments(const T* row, int64_t n, acc_t<T> k, AccBuffer<
 // of the previous one would not overlap.
 template <typename T, bool kHasW, bool kHasB>
 void normalize_row(const acc_t<T>* xr, const acc_t<T>* w, const acc_t<T>* b, T* yr, int64_t n,
-                   acc_t<T> mu, acc_t<T> rs, const T* next) {
+                   acc_t<T> mu, acc_t<T> rs, const T* next, bool stream) {
   using IO = RowIO<T>;
   using Vec = typename IO::Vec;
   constexpr int64_t V = Vec::size();
@@ -177,7 +214,11 @@ void normalize_row(const acc_t<T>* xr, const acc_t<T>* w, const acc_t<T>* b, T* 
       if constexpr (kHasB) v = v + Vec::loadu(b + c);
       out[k] = v;
     }
-    IO::store(yr + j, out);
+    if (stream) {
+      IO::stream(yr + j, out);
+    } else {
+      IO::store(yr + j, out);
+    }
   }
   for (; j < n; ++j) {
     acc_t<T> v = (xr[j] - mu) * rs;
@@ -225,8 +266,10 @@ void layer_norm_fwd_typed(const LayerNormFwdArgs& args) {
       const Acc rs = Acc(1) / std::sqrt(var + eps);
       mean[i] = mu;
       rstd[i] = rs;
-      normalize(xr, w, b, y + i * N, N, mu, rs, i + 1 < end ? x + (i + 1) * N : nullptr);
+      normalize(xr, w, b, y + i * N, N, mu, rs, i + 1 < end ? x + (i + 1) * N : nullptr,
+                args.stream_y && RowIO<T>::can_stream(y + i * N));
     }
+    if (args.stream_y) RowIO<T>::stream_fence();
   });
 }
 
@@ -304,6 +347,7 @@ void layer_norm_bwd_typed(const LayerNormBwdArgs& args) {
         // Pass 2: dx, and this chunk's dweight/dbias partial sums.
         const Vec va(a), vc(cx), vb(c0), vmu(mu), vrs(rs);
         T* dx_row = dx + i * N;
+        const bool stream = args.stream_dx && IO::can_stream(dx_row);
         for (j = 0; j + IO::kStep <= N; j += IO::kStep) {
           Vec out[IO::kVecs];
           for (int k = 0; k < IO::kVecs; ++k) {
@@ -315,7 +359,11 @@ void layer_norm_bwd_typed(const LayerNormBwdArgs& args) {
             if (dw) (Vec::loadu(dw + col) + dyv * ((xv - vmu) * vrs)).store(dw + col);
             if (db) (Vec::loadu(db + col) + dyv).store(db + col);
           }
-          IO::store(dx_row + j, out);
+          if (stream) {
+            IO::stream(dx_row + j, out);
+          } else {
+            IO::store(dx_row + j, out);
+          }
         }
         for (; j < N; ++j) {
           const Acc g = w ? gr[j] * w[j] : gr[j];
@@ -325,6 +373,7 @@ void layer_norm_bwd_typed(const LayerNormBwdArgs& args) {
         }
       }
     }
+    if (args.stream_dx) IO::stream_fence();
   });
 
   auto reduce_chunks = [&](const Acc* part, void* out_ptr) {
