@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing
-from conftest import free_port
+from conftest import free_port, skip_reason
 
 import dlfast
 
@@ -47,10 +47,11 @@ def test_matches_bincount(backend_device, dtype, n, shape):
     assert torch.equal(counts.cpu(), bincount_composite(tokens, V, n))
 
 
-@pytest.mark.parametrize("V", [2, 200, 4500], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("V", [2, 200, 300, 4500], ids=lambda v: f"V{v}")
 def test_vocabulary_sizes(backend_device, V):
-    """Tiny and large tables: 4500^2 bins is past the CPU kernel's private-table limit (atomics)
-    and past any GPU shared-memory histogram."""
+    """Tiny and large tables: 300^2 and 4500^2 bins are past the CPU kernel's private tables (one
+    partition and many of its partitioned count), and 4500^2 past any GPU shared-memory
+    histogram."""
     backend, device = backend_device
     tokens = make_tokens((2, 700), V, torch.int32, device)
     assert torch.equal(
@@ -58,16 +59,17 @@ def test_vocabulary_sizes(backend_device, V):
     )
 
 
-def test_ignore_index(backend_device):
+@pytest.mark.parametrize("V", [10, 400], ids=lambda v: f"V{v}")
+def test_ignore_index(backend_device, V):
     backend, device = backend_device
-    tokens = make_tokens((3, 40), 10, torch.int64, device)
+    tokens = make_tokens((3, 40), V, torch.int64, device)
     tokens[:, ::7] = -1  # padding
-    tokens[1, 5] = 99  # an id outside the vocabulary, used as padding too
-    for pad in (-1, 99):
+    tokens[1, 5] = 999  # an id outside the vocabulary, used as padding too
+    for pad in (-1, 999):
         masked = tokens.clone()
-        masked[masked == (99 if pad == -1 else -1)] = pad
-        got = dlfast.bigram_counts(masked, 10, ignore_index=pad, backend=backend)
-        assert torch.equal(got.cpu(), bincount_composite(masked, 10, 2, ignore_index=pad))
+        masked[masked == (999 if pad == -1 else -1)] = pad
+        got = dlfast.bigram_counts(masked, V, ignore_index=pad, backend=backend)
+        assert torch.equal(got.cpu(), bincount_composite(masked, V, 2, ignore_index=pad))
 
 
 def test_out_accumulates_chunks(backend_device):
@@ -93,6 +95,19 @@ def test_bad_ids_name_value_and_position_and_leave_out_alone(backend_device, bad
     assert torch.equal(out, torch.ones_like(out))
     with pytest.raises(ValueError, match=rf"token id {bad} at position 47 "):
         dlfast.bigram_counts(tokens.view(-1), 27, backend=backend)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+def test_cpu_partitioned_count_over_several_batches():
+    """A table past the CPU's private tables, counted in batches of 2^24 positions: a stream just
+    longer than one batch, with a bad id in the second batch reported at its place."""
+    V, n = 300, 2**24 + 1000
+    tokens = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.int16)
+    want = torch.bincount(tokens[:-1].long() * V + tokens[1:].long(), minlength=V * V).view(V, V)
+    assert torch.equal(dlfast.bigram_counts(tokens, V, backend="cpu"), want)
+    tokens[2**24 + 10] = V
+    with pytest.raises(ValueError, match=rf"token id {V} at position {2**24 + 10} "):
+        dlfast.bigram_counts(tokens, V, backend="cpu")
 
 
 def test_a_bad_id_in_no_ngram_is_still_reported(backend_device):

@@ -104,6 +104,15 @@ struct Conv2dReluBwdArgs {
   c10::ScalarType dtype;
 };
 
+// Whether all n tokens (uint8, int16, int32 or int64 ids) are in [0, V); written to *result.
+struct TokensInVocabArgs {
+  const void* tokens;
+  int64_t n;
+  int64_t V;
+  c10::ScalarType dtype;
+  bool* result;
+};
+
 #define DLFAST_DECLARE_CPU_KERNELS(ISA)                             \
   namespace ISA {                                                   \
   void layer_norm_fwd(const LayerNormFwdArgs& args);                \
@@ -111,6 +120,7 @@ struct Conv2dReluBwdArgs {
   void attention_fwd(const AttentionFwdArgs& args);                 \
   void attention_bwd(const AttentionBwdArgs& args);                 \
   void conv2d_relu_direct_bwd(const Conv2dReluBwdArgs& args);       \
+  void tokens_in_vocab(const TokensInVocabArgs& args);              \
   }
 
 DLFAST_DECLARE_CPU_KERNELS(DEFAULT)

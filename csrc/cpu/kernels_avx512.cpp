@@ -16,3 +16,4 @@
 #include "layer_norm_kernel.h"
 #include "attention_kernel.h"
 #include "conv2d_relu_kernel.h"
+#include "ngram_counts_kernel.h"

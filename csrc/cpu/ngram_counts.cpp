@@ -1,12 +1,19 @@
 // N-gram counting on the CPU (schema and semantics: ngram_counts_ in csrc/dlfast.cpp).
 //
-// Each thread takes one contiguous chunk of token positions: it checks every token of the chunk
-// against [0, V) and counts the n-grams that start in it (reading up to n - 1 tokens past the
-// chunk's end, never past the row's). Small tables (the course's 27 x 27) are counted into a
-// private table per thread, merged once at the end, so the hot loop has no shared writes; a
-// table too large to copy per thread (a 4096-token vocabulary's 16M bins) takes relaxed atomic
-// increments instead. Counting is scalar work on integer indices, so there is one build of this
-// file, not one per ISA.
+// Tables that fit a core's cache several times over (the course's 27 x 27 up to 256 x 256) are
+// counted into private tables per thread, each thread taking one contiguous chunk of token
+// positions and the tables merged once at the end, so the hot loop has no shared writes. Each
+// thread keeps kWays interleaved copies (n-gram i goes to copy i % kWays): the increments of
+// consecutive n-grams that hit the same bin, frequent with 27 symbols, would otherwise wait on
+// each other through memory. Larger tables (a 4096-token vocabulary's 16.8M bins) would make
+// every increment a cache miss, so they are counted in two passes: the n-grams' bin indices are
+// computed and scattered into partitions of kPartitionBins consecutive bins (a radix pass), then
+// each partition is counted by one thread into its slice of the output, which stays in cache.
+//
+// A block of tokens all in [0, V) with no ignore_index takes a branch-free loop; any other block
+// takes the general one, which checks each token (the first one outside [0, V) that is not
+// ignore_index is reported) and skips the n-grams containing a bad or ignored token. Counting is
+// scalar work on integer indices; only the block check is built per ISA (ngram_counts_kernel.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -18,16 +25,25 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 namespace dlfast::cpu {
 namespace {
 
-// Bins, summed over the threads' private tables (32 MiB of int64), up to which each thread
-// counts into its own table. Past it the shared table takes atomic increments: at V = 4096
-// (16.8M bins) on 2 cores, zeroing and merging two private tables made the count 0.8x the
-// bincount composite, atomics 1.3x (both cache-miss bound); private tables at V <= 256: 9-12x.
-constexpr int64_t kPrivateTablesMaxBins = int64_t(1) << 22;
-// Tokens per parallel task.
+// Bins up to which each thread counts into private tables (kWays copies of 32-bit counters within
+// about a 1 MiB L2 at V = 256, n = 2); past it the partitioned count. Measured on the 2-core EPYC
+// VM (benchmarks/results/cpu-epyc-2core-avx512/bigram_counts.json).
+constexpr int64_t kPrivateTablesMaxBins = int64_t(1) << 16;
+constexpr int kWays = 4;
+// Bytes of a thread's private copies up to which it keeps kWays of them; past it one (a table
+// that large has few same-bin neighbours to separate, and zeroing and merging copies costs).
+constexpr int64_t kWaysMaxBytes = int64_t(256) << 10;
+// Tokens per block of the fast-path check, and per parallel task.
 constexpr int64_t kGrainTokens = int64_t(1) << 16;
+// Bins per partition of the partitioned count: 1 MiB of int64 counters, within a core's L2.
+constexpr int kPartitionShift = 17;
+// Tokens per batch of the partitioned count, which holds two index buffers of this length.
+constexpr int64_t kBatchTokens = int64_t(1) << 24;
 
 struct NgramProblem {
   int64_t rows, L, V;
@@ -36,13 +52,64 @@ struct NgramProblem {
   int64_t ignore;
 };
 
-// Adds the N-grams starting at flat positions [begin, end) into `table` (atomically when
-// `atomic`); tokens outside [0, V) and ignore_index end the n-grams that contain them.
-// Returns the first position in [begin, end) of a token outside [0, V) that is not
-// ignore_index, or INT64_MAX: each token is checked as it is read as an n-gram's first.
 template <int N, typename T>
-int64_t count_range(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end,
-                    int64_t* table, bool atomic) {
+inline int64_t ngram_index(const T* t, int64_t V) {
+  int64_t index = 0;
+  for (int k = 0; k < N; ++k) index = index * V + static_cast<int64_t>(t[k]);
+  return index;
+}
+
+// Whether every token of [begin, end) is in [0, V), by the ISA's vectorised check.
+template <typename T>
+bool all_in_vocab(const T* tokens, int64_t begin, int64_t end, int64_t V) {
+  bool result = false;
+  const TokensInVocabArgs args{tokens + begin, end - begin, V, c10::CppTypeToScalarType<T>::value,
+                               &result};
+  DLFAST_CPU_DISPATCH(tokens_in_vocab, args);
+  return result;
+}
+
+// Where the n-grams go: sink(w, index) for each n-gram's bin index, w being the n-gram's way
+// (its position in the unrolled loop, < kWays; 0 outside it).
+template <typename C>
+struct TableSink {  // increments a private table's kWays copies
+  C* table;
+  int64_t way_stride;
+  void operator()(int w, int64_t index) const { ++table[w * way_stride + index]; }
+};
+
+template <typename I>
+struct IndexSink {  // appends the indices to a buffer, in any order
+  I* out;
+  int64_t size = 0;
+  void operator()(int, int64_t index) { out[size++] = static_cast<I>(index); }
+};
+
+// Passes the N-grams starting at flat positions [begin, end) to `sink`, all of whose tokens are
+// known to be valid.
+template <int N, typename T, typename Sink>
+void count_valid(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
+  for (int64_t i = begin; i < end;) {
+    const int64_t row_end = (i / p.L + 1) * p.L;
+    const int64_t stop = std::min(end, row_end - N + 1);  // n-grams must not cross the row's end
+    int64_t s = i;
+    for (; s + kWays <= stop; s += kWays) {
+      // The tokens first, into registers: a table store could alias them (a char or a signed
+      // twin of the counter type), so reads after it would be repeated.
+      int64_t t[kWays + N - 1];
+      for (int k = 0; k < kWays + N - 1; ++k) t[k] = static_cast<int64_t>(tokens[s + k]);
+      for (int w = 0; w < kWays; ++w) sink(w, ngram_index<N>(t + w, p.V));
+    }
+    for (; s < stop; ++s) sink(0, ngram_index<N>(tokens + s, p.V));
+    i = std::min(end, row_end);
+  }
+}
+
+// The general loop over [begin, end): tokens outside [0, V) and ignore_index end the n-grams
+// that contain them. Returns the first position in [begin, end) of a token outside [0, V) that
+// is not ignore_index, or INT64_MAX: each token is checked as it is read as an n-gram's first.
+template <int N, typename T, typename Sink>
+int64_t count_checked(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
   int64_t first_bad = std::numeric_limits<int64_t>::max();
   int64_t col = begin % p.L;
   for (int64_t i = begin; i < end; ++i, ++col) {
@@ -53,59 +120,140 @@ int64_t count_range(const NgramProblem& p, const T* tokens, int64_t begin, int64
       first_bad = i;
     }
     if (col + N > p.L) continue;  // too close to the row's end: the n-gram would cross it
-    int64_t index = 0;
     bool keep = true;
     for (int k = 0; k < N; ++k) {
       const int64_t t = static_cast<int64_t>(tokens[i + k]);
       keep = keep && t >= 0 && t < p.V && !(p.has_ignore && t == p.ignore);
-      index = index * p.V + t;
     }
-    if (!keep) continue;
-    if (atomic) {
-      __atomic_fetch_add(table + index, int64_t(1), __ATOMIC_RELAXED);
+    if (keep) sink(0, ngram_index<N>(tokens + i, p.V));
+  }
+  return first_bad;
+}
+
+// Passes the n-grams starting in [begin, end) to `sink` block by block, each block by the fast
+// loop when its tokens (and the N - 1 after it that its n-grams read) are all valid. Returns the
+// first bad position as count_checked does.
+template <int N, typename T, typename Sink>
+int64_t count_range(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
+  const int64_t total = p.rows * p.L;
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  for (int64_t b = begin; b < end; b += kGrainTokens) {
+    const int64_t e = std::min(end, b + kGrainTokens);
+    if (!p.has_ignore && all_in_vocab(tokens, b, std::min(total, e + N - 1), p.V)) {
+      count_valid<N>(p, tokens, b, e, sink);
     } else {
-      ++table[index];
+      first_bad = std::min(first_bad, count_checked<N>(p, tokens, b, e, sink));
     }
+  }
+  return first_bad;
+}
+
+template <typename T, typename Sink>
+int64_t count_range_n(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
+  switch (p.n) {
+    case 1: return count_range<1>(p, tokens, begin, end, sink);
+    case 2: return count_range<2>(p, tokens, begin, end, sink);
+    default: return count_range<3>(p, tokens, begin, end, sink);
+  }
+}
+
+// Private tables: each thread counts its chunk into kWays copies of C counters (one past
+// kWaysMaxBytes), then the copies of every thread are added into `counts` bin by bin. C (uint32_t where no chunk can reach 2^32
+// n-grams) halves the tables' cache footprint.
+template <typename C, typename T>
+int64_t count_private(const NgramProblem& p, const T* tokens, int64_t bins, int64_t* counts) {
+  const int64_t total = p.rows * p.L;
+  const int threads = at::get_num_threads();
+  const int ways = kWays * bins * int64_t(sizeof(C)) <= kWaysMaxBytes ? kWays : 1;
+  std::vector<std::vector<C>> tables(threads);
+  std::vector<int64_t> first_bad(threads, std::numeric_limits<int64_t>::max());
+  at::parallel_for(0, total, kGrainTokens, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    auto& own = tables[tid];
+    if (own.empty()) own.assign(ways * bins, 0);
+    TableSink<C> sink{own.data(), ways > 1 ? bins : 0};  // stride 0: the ways share one copy
+    first_bad[tid] = std::min(first_bad[tid], count_range_n(p, tokens, begin, end, sink));
+  });
+  at::parallel_for(0, bins, kGrainTokens, [&](int64_t begin, int64_t end) {
+    for (const auto& own : tables) {
+      if (own.empty()) continue;
+      for (int w = 0; w < ways; ++w) {
+        const C* way = own.data() + w * bins;
+        for (int64_t b = begin; b < end; ++b) counts[b] += static_cast<int64_t>(way[b]);
+      }
+    }
+  });
+  return *std::min_element(first_bad.begin(), first_bad.end());
+}
+
+// The partitioned count, a batch of kBatchTokens positions at a time: (1) each of `tasks` chunks
+// of the batch writes its n-grams' bin indices (type I) into its own stretch of `index` and
+// counts them per partition; (2) prefix sums give every (partition, chunk) pair its place, and
+// each chunk scatters its indices there; (3) each partition's indices are counted into its slice
+// of `counts` by one thread.
+template <typename I, typename T>
+int64_t count_partitioned(const NgramProblem& p, const T* tokens, int64_t bins, int64_t* counts) {
+  const int64_t total = p.rows * p.L;
+  const int64_t parts = ((bins - 1) >> kPartitionShift) + 1;
+  const int64_t tasks = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t batch = std::min(total, kBatchTokens);
+  std::vector<I> index(batch), grouped(batch);
+  std::vector<int64_t> sizes(tasks), hist(tasks * parts), place(tasks * parts), start(parts + 1);
+  int64_t first_bad = std::numeric_limits<int64_t>::max();
+  for (int64_t b0 = 0; b0 < total; b0 += batch) {
+    const int64_t b1 = std::min(total, b0 + batch);
+    std::vector<int64_t> bad(tasks, std::numeric_limits<int64_t>::max());
+    at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t begin = b0 + t * (b1 - b0) / tasks, end = b0 + (t + 1) * (b1 - b0) / tasks;
+        IndexSink<I> sink{index.data() + (begin - b0)};
+        bad[t] = count_range_n(p, tokens, begin, end, sink);
+        sizes[t] = sink.size;
+        int64_t* h = hist.data() + t * parts;
+        std::fill(h, h + parts, 0);
+        for (int64_t k = 0; k < sink.size; ++k) ++h[sink.out[k] >> kPartitionShift];
+      }
+    });
+    first_bad = std::min(first_bad, *std::min_element(bad.begin(), bad.end()));
+    int64_t offset = 0;
+    for (int64_t q = 0; q < parts; ++q) {
+      start[q] = offset;
+      for (int64_t t = 0; t < tasks; ++t) {
+        place[t * parts + q] = offset;
+        offset += hist[t * parts + q];
+      }
+    }
+    start[parts] = offset;
+    at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const I* in = index.data() + t * (b1 - b0) / tasks;
+        int64_t* next = place.data() + t * parts;
+        for (int64_t k = 0; k < sizes[t]; ++k) grouped[next[in[k] >> kPartitionShift]++] = in[k];
+      }
+    });
+    at::parallel_for(0, parts, 1, [&](int64_t q_begin, int64_t q_end) {
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        for (int64_t k = start[q]; k < start[q + 1]; ++k) ++counts[grouped[k]];
+      }
+    });
   }
   return first_bad;
 }
 
 template <typename T>
 int64_t count_ngrams(const NgramProblem& p, const T* tokens, int64_t* counts) {
-  const int64_t total = p.rows * p.L;
-  int64_t table_bins = 1;
-  for (int i = 0; i < p.n; ++i) table_bins *= p.V;
-  const int threads = at::get_num_threads();
-  const bool private_tables = table_bins * threads <= kPrivateTablesMaxBins;
-  std::vector<std::vector<int64_t>> tables(private_tables ? threads : 0);
-  std::vector<int64_t> first_bad(threads, std::numeric_limits<int64_t>::max());
-
-  at::parallel_for(0, total, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    int64_t* table = counts;
-    if (private_tables) {
-      auto& own = tables[tid];
-      if (own.empty()) own.assign(table_bins, 0);
-      table = own.data();
-    }
-    int64_t bad;
-    switch (p.n) {
-      case 1: bad = count_range<1>(p, tokens, begin, end, table, !private_tables); break;
-      case 2: bad = count_range<2>(p, tokens, begin, end, table, !private_tables); break;
-      default: bad = count_range<3>(p, tokens, begin, end, table, !private_tables); break;
-    }
-    first_bad[tid] = std::min(first_bad[tid], bad);
-  });
-
-  if (private_tables) {
-    at::parallel_for(0, table_bins, kGrainTokens, [&](int64_t begin, int64_t end) {
-      for (const auto& own : tables) {
-        if (own.empty()) continue;
-        for (int64_t b = begin; b < end; ++b) counts[b] += own[b];
-      }
-    });
+  int64_t bins = 1;
+  for (int i = 0; i < p.n; ++i) bins *= p.V;
+  int64_t bad;
+  if (bins > (int64_t(1) << 32)) {
+    bad = count_partitioned<uint64_t>(p, tokens, bins, counts);
+  } else if (bins > kPrivateTablesMaxBins) {
+    bad = count_partitioned<uint32_t>(p, tokens, bins, counts);
+  } else if (p.rows * p.L < (int64_t(1) << 32)) {
+    bad = count_private<uint32_t>(p, tokens, bins, counts);
+  } else {
+    bad = count_private<int64_t>(p, tokens, bins, counts);
   }
-  const int64_t bad = *std::min_element(first_bad.begin(), first_bad.end());
   return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
 }
 
