@@ -38,10 +38,10 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ("layer_norm", "cpu"): (
         # bf16/fp16, n <= 2^17: torch; modelled: cpu's lead at 2^22 would not pay the 10 us a call costs
         (2**17, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, 2^17 < n: cpu 1.13-1.61x torch (geomean 1.27x) at 2^22 (6 cases; layer_norm.json); below
+        # bf16/fp16, 2^17 < n: cpu 1.07-1.68x torch (geomean 1.29x) at 2^22 (6 cases; layer_norm.json); below
         # 2^22 modelled with its 10 us per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # other dtypes: torch. fp32, any size: torch; cpu 0.92-1.00x torch at 2^22 (6 cases; layer_norm.json)
+        # other dtypes: torch. fp32, any size: torch; cpu 0.90-0.96x torch at 2^22 (6 cases; layer_norm.json)
         (None, None, ("torch",)),
     ),
     # layer_norm on cuda, fwd+bwd against torch: benchmarks/results/h100/layer_norm.json
@@ -59,12 +59,12 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # attention on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/attention.json
     ("attention", "cpu"): (
-        # bf16/fp16, any size: cpu 2.47-7.10x torch (geomean 3.61x) at 2^16, 2^20, 2^21, 2^22 (8 cases;
+        # bf16/fp16, any size: cpu 2.47-5.69x torch (geomean 3.38x) at 2^16, 2^20, 2^21, 2^22 (8 cases;
         # attention.json); below 2^16 modelled with no extra cost per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # fp32, n < 2^20: torch; cpu 1.00-1.03x torch at 2^16 (2 cases; attention.json)
+        # fp32, n < 2^20: torch; cpu 0.96-1.01x torch at 2^16 (2 cases; attention.json)
         (2**20 - 1, (torch.float32,), ("torch",)),
-        # fp32, 2^20 <= n: cpu 2.10-3.61x torch (geomean 2.55x) at 2^20, 2^21, 2^22 (6 cases; attention.json);
+        # fp32, 2^20 <= n: cpu 1.74-3.17x torch (geomean 2.29x) at 2^20, 2^21, 2^22 (6 cases; attention.json);
         # above 2^22 as there
         (None, (torch.float32,), ("cpu", "torch")),
         # other dtypes: torch
@@ -79,12 +79,16 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # conv2d_relu on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/conv2d_relu.json
     ("conv2d_relu", "cpu"): (
-        # bf16/fp16, n <= 786431: torch; cpu 0.96x torch at 50176 (1 case; conv2d_relu.json)
-        # fp32, n <= 786431: torch; cpu 0.81x torch at 50176 (1 case; conv2d_relu.json)
-        (786_431, (torch.bfloat16, torch.float16, torch.float32), ("torch",)),
-        # bf16/fp16, n = 786432: cpu 1.17x torch at 786432 (1 case; conv2d_relu.json)
-        # fp32, n = 786432: cpu 1.29x torch at 786432 (1 case; conv2d_relu.json)
-        (786_432, (torch.bfloat16, torch.float16, torch.float32), ("cpu", "torch")),
+        # bf16/fp16, n <= 2^8: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
+        (2**8, (torch.bfloat16, torch.float16), ("torch",)),
+        # bf16/fp16, 2^8 < n <= 786432: cpu 1.24-1.44x torch (geomean 1.34x) at 50176, 786432 (2 cases;
+        # conv2d_relu.json); below 50176 modelled with its 3 us per call
+        (786_432, (torch.bfloat16, torch.float16), ("cpu", "torch")),
+        # fp32, n <= 2^7: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
+        (2**7, (torch.float32,), ("torch",)),
+        # fp32, 2^7 < n <= 786432: cpu 1.71-2.06x torch (geomean 1.88x) at 50176, 786432 (2 cases;
+        # conv2d_relu.json); below 50176 modelled with its 3 us per call
+        (786_432, (torch.float32,), ("cpu", "torch")),
         # other dtypes: torch
         (None, None, ("torch",)),
     ),
@@ -96,7 +100,7 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # ngram_counts on cpu, count against torch: benchmarks/results/cpu-epyc-2core-avx512/bigram_counts.json
     ("ngram_counts", "cpu"): (
-        # uint8/int16/int32/int64, any size: cpu 0.94-20.13x torch (geomean 5.06x) at 10^6, 10^7 (14 cases;
+        # uint8/int16/int32/int64, any size: cpu 1.13-9.95x torch (geomean 4.71x) at 10^6, 10^7 (14 cases;
         # bigram_counts.json); below 10^6 modelled with no extra cost per call; above 10^7 as there
         (None, (torch.uint8, torch.int16, torch.int32, torch.int64), ("cpu", "torch")),
         # other dtypes: torch
