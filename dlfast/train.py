@@ -104,12 +104,12 @@ def _bigram(args: argparse.Namespace) -> int:
     from dlfast.models.bigram import CountingBigramLM, NeuralBigramLM
 
     words = names()
-    counting = CountingBigramLM(smoothing=1.0).fit(words)
+    counting = CountingBigramLM(smoothing=1.0).fit(words, device=args.device)
     counting_nll = counting.nll(words)
     print(f"{len(words)} names; counting bigram model (+1 smoothing): NLL {counting_nll:.4f} per bigram")
     samples = counting.sample(args.samples, generator=torch.Generator().manual_seed(args.seed))
     print("samples:", " ".join(samples))
-    neural = NeuralBigramLM(generator=torch.Generator().manual_seed(args.seed))
+    neural = NeuralBigramLM(generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     steps = args.steps or 200
     losses = neural.fit(words, steps=steps, progress=True)
     print(f"neural bigram model after {steps} steps: NLL {neural.nll(words):.4f} per bigram")
@@ -133,7 +133,7 @@ def _mlp_lm(args: argparse.Namespace) -> int:
     train_idx, held_out_idx = _split(len(words), (0.9, 0.1), args.seed)
     train, held_out = [words[i] for i in train_idx], [words[i] for i in held_out_idx]
     torch.manual_seed(args.seed)
-    model = MLPLanguageModel()
+    model = MLPLanguageModel().to(args.device)
     print(f"initial NLL {model.nll(train):.4f} (uniform: 3.2958)")
     losses = model.fit(
         train, steps=args.steps or 20000, generator=torch.Generator().manual_seed(args.seed), progress=True
@@ -255,14 +255,14 @@ def _basis(args: argparse.Namespace) -> int:
     from dlfast.models.basic import GaussianBasisRegression
 
     torch.manual_seed(args.seed)
-    x, y = semicircle(generator=torch.Generator().manual_seed(args.seed))
-    model = GaussianBasisRegression()
+    x, y = (t.to(args.device) for t in semicircle(generator=torch.Generator().manual_seed(args.seed)))
+    model = GaussianBasisRegression().to(args.device)
     losses = _fit(model, lambda s: ((x,), y), F.mse_loss, args.steps or 500, 0.05, "basis")
     print(f"MSE {losses[0]:.4f} -> {losses[-1]:.5f}")
     plots.lines(_path(args, "loss.png"), {"MSE": losses}, log=True)
-    grid = torch.linspace(-1, 1, 200)
+    grid = torch.linspace(-1, 1, 200, device=args.device)
     with torch.no_grad():
-        fitted = model(grid)
+        x, y, grid, fitted = (t.cpu() for t in (x, y, grid, model(grid)))
     plots.lines(_path(args, "fit.png"), {"data": (x, y), "fitted": (grid, fitted)}, xlabel="x", ylabel="y")
     return 0
 
@@ -274,15 +274,17 @@ def _narrow(args: argparse.Namespace) -> int:
     from dlfast.models.basic import DeepNarrowTanh
 
     torch.manual_seed(args.seed)
-    points, labels = c_shapes(500, generator=torch.Generator().manual_seed(args.seed))
-    model = DeepNarrowTanh()
+    points, labels = (
+        t.to(args.device) for t in c_shapes(500, generator=torch.Generator().manual_seed(args.seed))
+    )
+    model = DeepNarrowTanh().to(args.device)
     losses = _fit(model, lambda s: ((points,), labels), F.cross_entropy, args.steps or 2000, 0.02, "narrow")
     with torch.no_grad():
         logits = model(points)
     print(f"training accuracy {_accuracy(logits, labels):.3f} on {len(labels)} points")
     plots.lines(_path(args, "loss.png"), {"cross-entropy": losses})
-    layers = {"input" if i == 0 else f"layer {i}": a for i, a in enumerate(model.activations)}
-    plots.point_clouds(_path(args, "layers.png"), layers, labels)
+    layers = {"input" if i == 0 else f"layer {i}": a.cpu() for i, a in enumerate(model.activations)}
+    plots.point_clouds(_path(args, "layers.png"), layers, labels.cpu())
     return 0
 
 

@@ -50,7 +50,8 @@ def _sample(next_probs, n: int, generator: torch.Generator | None) -> list[str]:
 class CountingBigramLM:
     """P(next | current) from bigram counts with +k smoothing, rows normalised.
 
-    fit(words) counts with dlfast.bigram_counts; probs[a, b] = (N[a, b] + k) / sum_b (N[a, b] + k).
+    fit(words, device) counts with dlfast.bigram_counts on `device` (its CUDA kernel on a GPU);
+    probs[a, b] = (N[a, b] + k) / sum_b (N[a, b] + k), kept on the CPU for sampling.
     """
 
     def __init__(self, smoothing: float = 1.0):
@@ -60,8 +61,8 @@ class CountingBigramLM:
         self.counts: Tensor | None = None
         self.probs: Tensor | None = None
 
-    def fit(self, words: list[str]) -> CountingBigramLM:
-        self.counts = dlfast.bigram_counts(encode_words(words), VOCAB)
+    def fit(self, words: list[str], device: str | torch.device = "cpu") -> CountingBigramLM:
+        self.counts = dlfast.bigram_counts(encode_words(words).to(device), VOCAB).cpu()
         smoothed = self.counts.double() + self.smoothing
         total = smoothed.sum(1, keepdim=True)
         # Unsmoothed, a character never seen has no evidence at all: its row is uniform.
@@ -115,8 +116,9 @@ class NeuralBigramLM(torch.nn.Module):
     def fit(
         self, words: list[str], steps: int = 200, lr: float = 50.0, progress: bool = False
     ) -> list[float]:
-        """Full-batch gradient descent (the notes use lr 50); returns the loss per step."""
-        xs, ys = bigram_pairs(words)
+        """Full-batch gradient descent (the notes use lr 50), on the device the model is on;
+        returns the loss per step."""
+        xs, ys = self._pairs(words)
         losses = []
         steps_iter = range(steps)
         if progress:
@@ -132,13 +134,18 @@ class NeuralBigramLM(torch.nn.Module):
             losses.append(loss.item())
         return losses
 
+    def _pairs(self, words: list[str]) -> tuple[Tensor, Tensor]:
+        """bigram_pairs of `words` on the model's device."""
+        return tuple(t.to(self.W.weight.device) for t in bigram_pairs(words))
+
     @torch.no_grad()
     def nll(self, words: list[str]) -> float:
         """Mean negative log-likelihood per bigram of `words` (no penalty)."""
-        xs, ys = bigram_pairs(words)
+        xs, ys = self._pairs(words)
         return float(F.cross_entropy(self(xs), ys))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> list[str]:
-        probs = torch.softmax(self.W.weight.t(), dim=1)  # row a: the next-character distribution
+        # Row a: the next-character distribution; on the CPU, where `generator` lives.
+        probs = torch.softmax(self.W.weight.t(), dim=1).cpu()
         return _sample(lambda ix: probs[ix], n, generator)

@@ -61,9 +61,9 @@ class MLPLanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> list[float]:
-        """Minibatch SGD at lr, divided by 10 after decay_at of the steps (the notes' decay);
-        returns the minibatch loss per step."""
-        X, Y = context_windows(words, self.block_size)
+        """Minibatch SGD at lr, divided by 10 after decay_at of the steps (the notes' decay), on
+        the device the model is on; returns the minibatch loss per step."""
+        X, Y = self._windows(words)
         steps_iter = range(steps)
         if progress:
             from tqdm import tqdm
@@ -71,7 +71,7 @@ class MLPLanguageModel(nn.Module):
             steps_iter = tqdm(steps_iter, desc="mlp language model", unit="step")
         losses = []
         for step in steps_iter:
-            batch = torch.randint(0, len(X), (batch_size,), generator=generator)
+            batch = torch.randint(0, len(X), (batch_size,), generator=generator).to(X.device)
             loss = F.cross_entropy(self(X[batch]), Y[batch])
             self.zero_grad(set_to_none=True)
             loss.backward()
@@ -82,19 +82,26 @@ class MLPLanguageModel(nn.Module):
             losses.append(loss.item())
         return losses
 
+    def _windows(self, words: list[str]) -> tuple[Tensor, Tensor]:
+        """context_windows of `words` on the model's device."""
+        device = self.C.weight.device
+        return tuple(t.to(device) for t in context_windows(words, self.block_size))
+
     @torch.no_grad()
     def nll(self, words: list[str]) -> float:
         """Mean negative log-likelihood per predicted character of `words`."""
-        X, Y = context_windows(words, self.block_size)
+        X, Y = self._windows(words)
         return float(F.cross_entropy(self(X), Y))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> list[str]:
+        """n words, each character drawn by torch.multinomial (on the CPU, where `generator`
+        lives) from the model's softmax."""
         out = []
         for _ in range(n):
             context, chars = [0] * self.block_size, []
             while True:
-                probs = torch.softmax(self(torch.tensor([context])), dim=1)
+                probs = torch.softmax(self(torch.tensor([context], device=self.C.weight.device)), dim=1).cpu()
                 ix = int(torch.multinomial(probs, 1, generator=generator))
                 if ix == 0:
                     break
