@@ -59,13 +59,13 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # attention on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/attention.json
     ("attention", "cpu"): (
-        # bf16/fp16, any size: cpu 2.47-5.69x torch (geomean 3.38x) at 2^16, 2^20, 2^21, 2^22 (8 cases;
+        # bf16/fp16, any size: cpu 2.48-5.86x torch (geomean 3.84x) at 2^16, 2^17, 2^20, 2^21, 2^22 (10 cases;
         # attention.json); below 2^16 modelled with no extra cost per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # fp32, n < 2^20: torch; cpu 0.96-1.01x torch at 2^16 (2 cases; attention.json)
-        (2**20 - 1, (torch.float32,), ("torch",)),
-        # fp32, 2^20 <= n: cpu 1.74-3.17x torch (geomean 2.29x) at 2^20, 2^21, 2^22 (6 cases; attention.json);
-        # above 2^22 as there
+        # fp32, n < 2^17: torch; cpu 1.01-1.05x torch at 2^16 (2 cases; attention.json)
+        (2**17 - 1, (torch.float32,), ("torch",)),
+        # fp32, 2^17 <= n: cpu 1.59-3.60x torch (geomean 2.35x) at 2^17, 2^20, 2^21, 2^22 (8 cases;
+        # attention.json); above 2^22 as there
         (None, (torch.float32,), ("cpu", "torch")),
         # other dtypes: torch
         (None, None, ("torch",)),

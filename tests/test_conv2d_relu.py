@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_compiled_model, dtypes_for, grad_tol, skip_reason, tol
+from conftest import (
+    CPU_ISA_LEVELS,
+    check_compiled_model,
+    dtypes_for,
+    grad_tol,
+    run_on_cpu_isa,
+    skip_reason,
+    tol,
+)
 
 import dlfast
 from dlfast import reference
@@ -221,6 +229,22 @@ def test_gradcheck_float64_cpu(groups):
         return dlfast.conv2d_relu(x, w, b, padding=1, groups=groups, backend="cpu")
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+@pytest.mark.parametrize("isa", CPU_ISA_LEVELS)
+def test_every_cpu_isa_variant(isa):
+    """The CPU's direct backward (few channels per group) is built once per ISA: each build (forced
+    here by ATEN_CPU_CAPABILITY) is correct on the cases that take it."""
+    direct = ["course-first-layer", "groups2", "depthwise", "one-channel-5x5", "few-channels-strided-dilated"]
+    run_on_cpu_isa(
+        isa,
+        "import torch\n"
+        "from test_conv2d_relu import CASES, make_inputs, check_against_reference\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        f"    for name in {direct!r}:\n"
+        "        check_against_reference('cpu', CASES[name], *make_inputs(CASES[name], dtype, 'cpu'))\n",
+    )
 
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")

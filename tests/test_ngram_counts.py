@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing
-from conftest import free_port, skip_reason
+from conftest import CPU_ISA_LEVELS, free_port, run_on_cpu_isa, skip_reason
 
 import dlfast
 
@@ -95,6 +95,27 @@ def test_bad_ids_name_value_and_position_and_leave_out_alone(backend_device, bad
     assert torch.equal(out, torch.ones_like(out))
     with pytest.raises(ValueError, match=rf"token id {bad} at position 47 "):
         dlfast.bigram_counts(tokens.view(-1), 27, backend=backend)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+@pytest.mark.parametrize("isa", CPU_ISA_LEVELS)
+def test_every_cpu_isa_variant(isa):
+    """The CPU's vocabulary check is built once per ISA: each build (forced here by
+    ATEN_CPU_CAPABILITY) counts every token dtype right and finds a bad id, in the private count
+    (27^2 bins) and the partitioned one (64^3)."""
+    run_on_cpu_isa(
+        isa,
+        "import pytest, torch, dlfast\n"
+        "from test_ngram_counts import TOKEN_DTYPES, make_tokens, bincount_composite\n"
+        "for dtype in TOKEN_DTYPES:\n"
+        "    for V, n in ((27, 2), (64, 3)):\n"
+        "        tokens = make_tokens((3, 200), V, dtype, 'cpu')\n"
+        "        got = dlfast.ngram_counts(tokens, V, n, backend='cpu')\n"
+        "        assert torch.equal(got, bincount_composite(tokens, V, n)), (dtype, V, n)\n"
+        "        tokens[2, 150] = V\n"
+        "        with pytest.raises(ValueError, match=f'token id {V} at row 2, column 150'):\n"
+        "            dlfast.ngram_counts(tokens, V, n, backend='cpu')\n",
+    )
 
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")

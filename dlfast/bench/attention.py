@@ -29,8 +29,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    """GPU: the FlashAttention family in bf16. CPU: batch 4 x 8 heads x 64, L 512 to 2048, and a
-    course model's size, fp32 and bf16. --quick: one or two sizes."""
+    """GPU: the FlashAttention family in bf16. CPU: batch 4 x 8 heads x 64, L 512 to 2048, and two
+    course-model sizes, fp32 and bf16. --quick: one or two sizes."""
     out = []
     if device.type == "cuda":
         seqs = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
@@ -41,8 +41,13 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                     shape = {"B": GPU_TOKENS // L, "H": GPU_HIDDEN // D, "L": L, "D": D, "causal": causal}
                     out.append(Case(dtype=torch.bfloat16, shape=shape))
         return out
-    # 32 x 4 heads x 32 x 16: a course model's size, where per-call overhead decides the default.
-    shapes = [(4, 8, 256, 64)] if quick else [(32, 4, 32, 16)] + [(4, 8, L, 64) for L in (512, 1024, 2048)]
+    # 32 x 4 heads x 32 x 16: a course Transformer's size, where per-call overhead decides the
+    # default; 8 x 4 x 128 x 32: the course GPT's (and `bench --model gpt`'s) self-attention.
+    shapes = (
+        [(4, 8, 256, 64)]
+        if quick
+        else [(32, 4, 32, 16), (8, 4, 128, 32)] + [(4, 8, L, 64) for L in (512, 1024, 2048)]
+    )
     for dtype in (torch.float32, torch.bfloat16):
         for causal in (0, 1):
             for B, H, L, D in shapes:
