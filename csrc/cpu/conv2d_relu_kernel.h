@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -75,6 +76,14 @@ inline void masked_grad_run(const T* dy, const T* y, int64_t n, float* g) {
 }
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The output columns [lo, hi) whose input column q * stride + w0 lies in [0, W): the gather and
+// the col2im loops run over them without a per-element test (contiguous when stride is 1).
+inline std::pair<int64_t, int64_t> inside_columns(int64_t Q, int64_t W, int64_t stride, int64_t w0) {
+  const int64_t hi = W - 1 - w0 < 0 ? 0 : std::min(Q, (W - 1 - w0) / stride + 1);
+  const int64_t lo = w0 >= 0 ? 0 : (-w0 + stride - 1) / stride;
+  return {std::min(lo, hi), hi};
+}
 
 // acc[k0 + kk][t0 + j] += g[k0 + kk, :] . cols[t0 + j, :] for kk < kKBlock, j < kTapBlock, as
 // vectors of V partial sums (reduced to scalars once per unit). g: (.., Lp), cols: (.., Lp).
@@ -184,13 +193,23 @@ void run(const Conv2dReluBwdArgs& a) {
                 for (int64_t s = 0; s < a.S; ++s) {
                   float* ct = cols.data() + ((c * a.R + r) * a.S + s) * Lp;
                   const int64_t w0 = s * a.dil_w - a.pad_w;
+                  const auto [lo, hi] = inside_columns(a.Q, a.W, a.stride_w, w0);
                   for (int64_t row = 0; row < rows; ++row) {
                     const int64_t h = (p0 + row) * a.stride_h - a.pad_h + r * a.dil_h;
                     float* dst = ct + row * a.Q;
-                    for (int64_t q = 0; q < a.Q; ++q) {
-                      const int64_t w = q * a.stride_w + w0;
-                      const bool inside = h >= 0 && h < a.H && w >= 0 && w < a.W;
-                      dst[q] = inside ? static_cast<float>(xplane[h * a.W + w]) : 0.f;
+                    if (h < 0 || h >= a.H) {
+                      std::fill(dst, dst + a.Q, 0.f);
+                      continue;
+                    }
+                    std::fill(dst, dst + lo, 0.f);
+                    std::fill(dst + hi, dst + a.Q, 0.f);
+                    const T* src = xplane + h * a.W + lo * a.stride_w + w0;  // column of q = lo
+                    if (a.stride_w == 1) {
+                      at::vec::convert(src, dst + lo, hi - lo);
+                    } else {
+                      for (int64_t q = lo; q < hi; ++q) {
+                        dst[q] = static_cast<float>(src[(q - lo) * a.stride_w]);
+                      }
                     }
                   }
                   std::fill(ct + L, ct + Lp, 0.f);
@@ -216,14 +235,13 @@ void run(const Conv2dReluBwdArgs& a) {
                 for (int64_t s = 0; s < a.S; ++s) {
                   const float* dt = dcols.data() + ((c * a.R + r) * a.S + s) * Lp;
                   const int64_t w0 = s * a.dil_w - a.pad_w;
+                  const auto [lo, hi] = inside_columns(a.Q, a.W, a.stride_w, w0);
                   for (int64_t row = 0; row < rows; ++row) {
                     const int64_t h = (p0 + row) * a.stride_h - a.pad_h + r * a.dil_h;
                     if (h < 0 || h >= a.H) continue;
-                    const float* src = dt + row * a.Q;
-                    for (int64_t q = 0; q < a.Q; ++q) {
-                      const int64_t w = q * a.stride_w + w0;
-                      if (w >= 0 && w < a.W) dplane[h * a.W + w] += src[q];
-                    }
+                    const float* src = dt + row * a.Q + lo;
+                    float* dst = dplane + h * a.W + lo * a.stride_w + w0;  // column of q = lo
+                    for (int64_t q = 0; q < hi - lo; ++q) dst[q * a.stride_w] += src[q];
                   }
                 }
               }
