@@ -81,12 +81,12 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ("conv2d_relu", "cpu"): (
         # bf16/fp16, n <= 2^8: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
         (2**8, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, 2^8 < n <= 786432: cpu 1.24-1.44x torch (geomean 1.34x) at 50176, 786432 (2 cases;
+        # bf16/fp16, 2^8 < n <= 786432: cpu 1.23-1.54x torch (geomean 1.38x) at 50176, 786432 (2 cases;
         # conv2d_relu.json); below 50176 modelled with its 3 us per call
         (786_432, (torch.bfloat16, torch.float16), ("cpu", "torch")),
         # fp32, n <= 2^7: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
         (2**7, (torch.float32,), ("torch",)),
-        # fp32, 2^7 < n <= 786432: cpu 1.71-2.06x torch (geomean 1.88x) at 50176, 786432 (2 cases;
+        # fp32, 2^7 < n <= 786432: cpu 1.68-2.00x torch (geomean 1.83x) at 50176, 786432 (2 cases;
         # conv2d_relu.json); below 50176 modelled with its 3 us per call
         (786_432, (torch.float32,), ("cpu", "torch")),
         # other dtypes: torch
