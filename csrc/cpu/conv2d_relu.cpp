@@ -13,8 +13,8 @@
 //     ReLU.
 // The backward, with 1-4 input channels per group (first layers, depthwise), is the direct kernel
 // of conv2d_relu_kernel.h, which forms the masked gradient dy * (y > 0) on the fly; otherwise it
-// masks dy in one pass (threshold_backward) and hands the masked gradient to ATen's
-// convolution_backward (oneDNN), which computes dx, dweight and dbias.
+// masks dy in one pass (threshold_backward; float16 in float32, as the forward) and hands the
+// masked gradient to ATen's convolution_backward (oneDNN), which computes dx, dweight and dbias.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>

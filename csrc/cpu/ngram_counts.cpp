@@ -7,7 +7,7 @@
 // consecutive n-grams that hit the same bin, frequent with 27 symbols, would otherwise wait on
 // each other through memory. Larger tables (a 4096-token vocabulary's 16.8M bins) would make
 // every increment a cache miss, so they are counted in two passes: the n-grams' bin indices are
-// computed and scattered into partitions of kPartitionBins consecutive bins (a radix pass), then
+// computed and scattered into partitions of 2^kPartitionShift consecutive bins (a radix pass), then
 // each partition is counted by one thread into its slice of the output, which stays in cache.
 //
 // A block of tokens all in [0, V) with no ignore_index takes a branch-free loop; any other block
