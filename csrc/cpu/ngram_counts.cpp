@@ -202,12 +202,13 @@ int64_t count_partitioned(const NgramProblem& p, const T* tokens, int64_t bins, 
   int64_t first_bad = std::numeric_limits<int64_t>::max();
   for (int64_t b0 = 0; b0 < total; b0 += batch) {
     const int64_t b1 = std::min(total, b0 + batch);
+    // Task t's positions start at b0 + offset(t), its indices at index[offset(t)].
+    const auto offset = [&](int64_t t) { return t * (b1 - b0) / tasks; };
     std::vector<int64_t> bad(tasks, std::numeric_limits<int64_t>::max());
     at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
-        const int64_t begin = b0 + t * (b1 - b0) / tasks, end = b0 + (t + 1) * (b1 - b0) / tasks;
-        IndexSink<I> sink{index.data() + (begin - b0)};
-        bad[t] = count_range_n(p, tokens, begin, end, sink);
+        IndexSink<I> sink{index.data() + offset(t)};
+        bad[t] = count_range_n(p, tokens, b0 + offset(t), b0 + offset(t + 1), sink);
         sizes[t] = sink.size;
         int64_t* h = hist.data() + t * parts;
         std::fill(h, h + parts, 0);
@@ -215,18 +216,18 @@ int64_t count_partitioned(const NgramProblem& p, const T* tokens, int64_t bins, 
       }
     });
     first_bad = std::min(first_bad, *std::min_element(bad.begin(), bad.end()));
-    int64_t offset = 0;
+    int64_t filled = 0;
     for (int64_t q = 0; q < parts; ++q) {
-      start[q] = offset;
+      start[q] = filled;
       for (int64_t t = 0; t < tasks; ++t) {
-        place[t * parts + q] = offset;
-        offset += hist[t * parts + q];
+        place[t * parts + q] = filled;
+        filled += hist[t * parts + q];
       }
     }
-    start[parts] = offset;
+    start[parts] = filled;
     at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
-        const I* in = index.data() + t * (b1 - b0) / tasks;
+        const I* in = index.data() + offset(t);
         int64_t* next = place.data() + t * parts;
         for (int64_t k = 0; k < sizes[t]; ++k) grouped[next[in[k] >> kPartitionShift]++] = in[k];
       }
