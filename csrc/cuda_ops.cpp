@@ -331,6 +331,7 @@ at::Tensor ngram_counts_cuda(at::Tensor& counts, const at::Tensor& tokens, int64
   TORCH_CHECK(counts.is_contiguous(), op, ": counts must be contiguous");
 
   const c10::cuda::CUDAGuard guard(tokens.device());
+  counts.zero_();  // the op fills counts; the launcher adds into it
   // Written by the launcher on the stream (-1 when no token is out of range): no host sync.
   at::Tensor bad_position = at::empty({}, tokens.options().dtype(at::kLong));
   const cudaError_t err = dlfast::cuda::ngram_counts(

@@ -64,10 +64,11 @@ TORCH_LIBRARY(dlfast, m) {
       "conv2d_relu_bwd(Tensor dy, Tensor y, Tensor x, Tensor weight, int[2] stride,"
       " int[2] padding, int[2] dilation, int groups, bool[3] output_mask)"
       " -> (Tensor, Tensor, Tensor)");
-  // N-gram counting: adds into `counts` how often each n-gram of adjacent tokens occurs.
+  // N-gram counting: fills `counts` with how often each n-gram of adjacent tokens occurs (its
+  // contents before the call do not matter: each bin is written once, not read and added to).
   // tokens: (rows, L) contiguous, uint8, int16, int32 or int64; n-grams never cross rows.
   // counts: (vocab_size ** n,) int64 contiguous, on tokens' device; the n-gram (t0, ..., tn-1)
-  // adds 1 at ((t0 * V + t1) * V + ...) + tn-1 (n = 1: unigram, 2: bigram, 3: trigram). An
+  // is counted in bin ((t0 * V + t1) * V + ...) + tn-1 (n = 1: unigram, 2: bigram, 3: trigram). An
   // n-gram containing a token equal to ignore_index is skipped. A token outside
   // [0, vocab_size) that is not ignore_index is never used as an index: the n-grams that
   // contain it are skipped. Returns a 0-dim int64 tensor on tokens' device: the smallest flat

@@ -131,6 +131,35 @@ def test_cpu_partitioned_count_over_several_batches():
         dlfast.bigram_counts(tokens, V, backend="cpu")
 
 
+def _bigram_bincount(tokens: torch.Tensor, V: int) -> torch.Tensor:
+    """bincount_composite of one stream with n = 2, vectorised for long streams."""
+    return torch.bincount(tokens[:-1].long() * V + tokens[1:].long(), minlength=V * V)
+
+
+def test_the_op_fills_counts_whatever_they_held(backend_device):
+    """ngram_counts_ writes every bin rather than adding to it: a table full of garbage comes
+    back as the counts. On the CPU this reaches the private tables (V = 11), the partitioned
+    count (V = 300) and, at V = 2100 (35 MB of int64), the non-temporal writes of the table, also
+    into a table that is not 16-byte aligned (the plain-store fallback)."""
+    backend, device = backend_device
+    if backend == "reference":
+        pytest.skip("the reference backend is plain PyTorch, not a custom op")
+    from dlfast.ops.ngram_counts import _KERNELS
+
+    cases = [(11, 500)] + ([(300, 20000), (2100, 20000)] if device == "cpu" and backend == "cpu" else [])
+    for V, length in cases:
+        tokens = make_tokens((length,), V, torch.int32, device)
+        want = _bigram_bincount(tokens.cpu(), V)
+        for offset in (0, 1):  # counts at the start of its buffer, and 8 bytes into it
+            counts = torch.full((V * V + offset,), 7, dtype=torch.long, device=device)[offset:]
+            bad = _KERNELS[backend](counts, tokens.view(1, -1), V, 2, None)
+            assert int(bad) == -1
+            assert torch.equal(counts.cpu(), want), (V, offset)
+    counts = torch.full((121,), 7, dtype=torch.long, device=device)
+    _KERNELS[backend](counts, torch.zeros(1, 0, dtype=torch.int32, device=device), 11, 2, None)
+    assert not counts.any()
+
+
 def test_a_bad_id_in_no_ngram_is_still_reported(backend_device):
     backend, device = backend_device
     tokens = torch.tensor([[3], [40]], dtype=torch.int32, device=device)  # rows of one token: no pairs

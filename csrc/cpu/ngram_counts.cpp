@@ -1,4 +1,5 @@
-// N-gram counting on the CPU (schema and semantics: ngram_counts_ in csrc/dlfast.cpp).
+// N-gram counting on the CPU (schema and semantics: ngram_counts_ in csrc/dlfast.cpp). The op
+// fills `counts`: each bin is written once, never read first.
 //
 // Tables that fit a core's cache several times over (the course's 27 x 27 up to 256 x 256) are
 // counted into private tables per thread, each thread taking one contiguous chunk of token
@@ -6,14 +7,18 @@
 // thread keeps kWays interleaved copies (n-gram i goes to copy i % kWays): the increments of
 // consecutive n-grams that hit the same bin, frequent with 27 symbols, would otherwise wait on
 // each other through memory. Larger tables (a 4096-token vocabulary's 16.8M bins) would make
-// every increment a cache miss, so they are counted in two passes: the n-grams' bin indices are
-// computed and scattered into partitions of 2^kPartitionShift consecutive bins (a radix pass), then
-// each partition is counted by one thread into its slice of the output, which stays in cache.
+// every increment a cache miss, so they are counted by partitions of 2^kPartitionShift
+// consecutive bins (a radix pass): the n-grams are counted per partition, their bin indices
+// scattered into their partitions, and each partition counted by one thread into a table of
+// its own that stays in cache, then written out in order, past the caches when the whole
+// table is far larger than they are.
 //
 // A block of tokens all in [0, V) with no ignore_index takes a branch-free loop; any other block
 // takes the general one, which checks each token (the first one outside [0, V) that is not
-// ignore_index is reported) and skips the n-grams containing a bad or ignored token. Counting is
-// scalar work on integer indices; only the block check is built per ISA (ngram_counts_kernel.h).
+// ignore_index is reported) and skips the n-grams containing a bad or ignored token. While a
+// block is counted, the next one is prefetched, so that its check does not wait on memory.
+// Counting is scalar work on integer indices; only the block check is built per ISA
+// (ngram_counts_kernel.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -22,8 +27,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "cpu_kernels.h"
 
@@ -35,14 +45,22 @@ namespace {
 // VM (benchmarks/results/cpu-epyc-2core-avx512/bigram_counts.json).
 constexpr int64_t kPrivateTablesMaxBins = int64_t(1) << 16;
 constexpr int kWays = 4;
-// Bytes of a thread's private copies up to which it keeps kWays of them; past it one (a table
-// that large has few same-bin neighbours to separate, and zeroing and merging copies costs).
-constexpr int64_t kWaysMaxBytes = int64_t(256) << 10;
+// Bytes of a thread's private copies up to which it keeps kWays of them, within a core's 48 KiB
+// L1d; past it one (a table that large has few same-bin neighbours to separate, and copies that
+// spill to L2 cost more than they save: V = 65 counted 15% faster in one copy).
+constexpr int64_t kWaysMaxBytes = int64_t(32) << 10;
 // Tokens per block of the fast-path check, and per parallel task.
 constexpr int64_t kGrainTokens = int64_t(1) << 16;
-// Bins per partition of the partitioned count: 1 MiB of int64 counters, within a core's L2.
-constexpr int kPartitionShift = 17;
-// Tokens per batch of the partitioned count, which holds two index buffers of this length.
+// Tokens per cache line: the fast loop prefetches one line of the next block per line counted.
+template <typename T>
+constexpr int64_t kLineTokens = 64 / sizeof(T) > kWays ? 64 / sizeof(T) : kWays;
+// Bins per partition of the partitioned count: 256 KiB of 32-bit counters, within a core's L2,
+// and a bin's place in its partition fits 16 bits.
+constexpr int kPartitionShift = 16;
+constexpr int64_t kPartitionBins = int64_t(1) << kPartitionShift;
+// Bytes of a table from which the partitioned count writes it past the caches (as the L3).
+constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
+// Tokens per batch of the partitioned count, which holds one index buffer of this length.
 constexpr int64_t kBatchTokens = int64_t(1) << 24;
 
 struct NgramProblem {
@@ -78,22 +96,53 @@ struct TableSink {  // increments a private table's kWays copies
   void operator()(int w, int64_t index) const { ++table[w * way_stride + index]; }
 };
 
-template <typename I>
-struct IndexSink {  // appends the indices to a buffer, in any order
-  I* out;
-  int64_t size = 0;
-  void operator()(int, int64_t index) { out[size++] = static_cast<I>(index); }
+struct PartitionHistSink {  // counts the indices per partition
+  int64_t* hist;
+  void operator()(int, int64_t index) const { ++hist[index >> kPartitionShift]; }
+};
+
+// Writes from[0, size) widened to int64 at `to`. Past the caches (non-temporal stores) when
+// `stream` and `to` is 16-byte aligned: a table far larger than the caches is written once, and
+// ordinary stores would first read every line of it from memory.
+inline void store_widened(int64_t* to, const uint32_t* from, int64_t size, bool stream) {
+  int64_t b = 0;
+#if defined(__SSE2__)
+  if (stream && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+    const __m128i zero = _mm_setzero_si128();
+    for (; b + 4 <= size; b += 4) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(from + b));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(to + b), _mm_unpacklo_epi32(v, zero));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(to + b + 2), _mm_unpackhi_epi32(v, zero));
+    }
+    _mm_sfence();
+  }
+#endif
+  for (; b < size; ++b) to[b] = from[b];
+}
+
+struct ScatterSink {  // writes each index's place in its partition to the partition's next slot
+  uint16_t* grouped;
+  int64_t* next;  // per partition: its next slot in `grouped`
+  void operator()(int, int64_t index) const {
+    grouped[next[index >> kPartitionShift]++] = static_cast<uint16_t>(index);
+  }
 };
 
 // Passes the N-grams starting at flat positions [begin, end) to `sink`, all of whose tokens are
 // known to be valid.
 template <int N, typename T, typename Sink>
 void count_valid(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
+  const int64_t last = p.rows * p.L - 1;
   for (int64_t i = begin; i < end;) {
     const int64_t row_end = (i / p.L + 1) * p.L;
     const int64_t stop = std::min(end, row_end - N + 1);  // n-grams must not cross the row's end
     int64_t s = i;
     for (; s + kWays <= stop; s += kWays) {
+      if (((s - i) & (kLineTokens<T> - 1)) < kWays) {
+        // A line of the next block per line of this one, into L2: there when the next block's
+        // check reads it, instead of the check waiting on memory while the core idles.
+        __builtin_prefetch(tokens + std::min(s + kGrainTokens, last), 0, 2);
+      }
       // The tokens first, into registers: a table store could alias them (a char or a signed
       // twin of the counter type), so reads after it would be repeated.
       int64_t t[kWays + N - 1];
@@ -175,44 +224,49 @@ int64_t count_private(const NgramProblem& p, const T* tokens, int64_t bins, int6
     first_bad[tid] = std::min(first_bad[tid], count_range_n(p, tokens, begin, end, sink));
   });
   at::parallel_for(0, bins, kGrainTokens, [&](int64_t begin, int64_t end) {
+    bool written = false;  // the first copy is stored, the others added
     for (const auto& own : tables) {
       if (own.empty()) continue;
-      for (int w = 0; w < ways; ++w) {
+      for (int w = 0; w < ways; ++w, written = true) {
         const C* way = own.data() + w * bins;
-        for (int64_t b = begin; b < end; ++b) counts[b] += static_cast<int64_t>(way[b]);
+        if (written) {
+          for (int64_t b = begin; b < end; ++b) counts[b] += static_cast<int64_t>(way[b]);
+        } else {
+          for (int64_t b = begin; b < end; ++b) counts[b] = static_cast<int64_t>(way[b]);
+        }
       }
     }
+    if (!written) std::fill(counts + begin, counts + end, 0);
   });
   return *std::min_element(first_bad.begin(), first_bad.end());
 }
 
-// The partitioned count, a batch of kBatchTokens positions at a time: (1) each of `tasks` chunks
-// of the batch writes its n-grams' bin indices (type I) into its own stretch of `index` and
-// counts them per partition; (2) prefix sums give every (partition, chunk) pair its place, and
-// each chunk scatters its indices there; (3) each partition's indices are counted into its slice
-// of `counts` by one thread.
-template <typename I, typename T>
+// The partitioned count, a batch of kBatchTokens positions at a time, each of `tasks` chunks of
+// the batch on one thread: (1) each chunk counts its n-grams per partition; (2) prefix sums give
+// every (partition, chunk) pair its stretch of `grouped`, and each chunk writes there where in
+// the partition each of its n-grams falls (16 bits), computing the n-grams again rather than
+// storing them between the passes;
+// (3) each partition is counted by one thread into a table of its own, which stays in cache,
+// then written to its slice of `counts` in order (added to it after the first batch).
+template <typename T>
 int64_t count_partitioned(const NgramProblem& p, const T* tokens, int64_t bins, int64_t* counts) {
   const int64_t total = p.rows * p.L;
   const int64_t parts = ((bins - 1) >> kPartitionShift) + 1;
   const int64_t tasks = std::max<int64_t>(1, at::get_num_threads());
   const int64_t batch = std::min(total, kBatchTokens);
-  std::vector<I> index(batch), grouped(batch);
-  std::vector<int64_t> sizes(tasks), hist(tasks * parts), place(tasks * parts), start(parts + 1);
+  const std::unique_ptr<uint16_t[]> grouped(new uint16_t[batch]);  // uninitialised: all written
+  std::vector<int64_t> hist(tasks * parts), place(tasks * parts), start(parts + 1);
   int64_t first_bad = std::numeric_limits<int64_t>::max();
   for (int64_t b0 = 0; b0 < total; b0 += batch) {
     const int64_t b1 = std::min(total, b0 + batch);
-    // Task t's positions start at b0 + offset(t), its indices at index[offset(t)].
-    const auto offset = [&](int64_t t) { return t * (b1 - b0) / tasks; };
+    // Task t's positions: [b0 + offset(t), b0 + offset(t + 1)).
+    const auto offset = [&](int64_t t) { return b0 + t * (b1 - b0) / tasks; };
     std::vector<int64_t> bad(tasks, std::numeric_limits<int64_t>::max());
     at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
-        IndexSink<I> sink{index.data() + offset(t)};
-        bad[t] = count_range_n(p, tokens, b0 + offset(t), b0 + offset(t + 1), sink);
-        sizes[t] = sink.size;
-        int64_t* h = hist.data() + t * parts;
-        std::fill(h, h + parts, 0);
-        for (int64_t k = 0; k < sink.size; ++k) ++h[sink.out[k] >> kPartitionShift];
+        PartitionHistSink sink{hist.data() + t * parts};
+        std::fill_n(sink.hist, parts, 0);
+        bad[t] = count_range_n(p, tokens, offset(t), offset(t + 1), sink);
       }
     });
     first_bad = std::min(first_bad, *std::min_element(bad.begin(), bad.end()));
@@ -227,14 +281,23 @@ int64_t count_partitioned(const NgramProblem& p, const T* tokens, int64_t bins, 
     start[parts] = filled;
     at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
-        const I* in = index.data() + offset(t);
-        int64_t* next = place.data() + t * parts;
-        for (int64_t k = 0; k < sizes[t]; ++k) grouped[next[in[k] >> kPartitionShift]++] = in[k];
+        ScatterSink sink{grouped.get(), place.data() + t * parts};
+        count_range_n(p, tokens, offset(t), offset(t + 1), sink);
       }
     });
     at::parallel_for(0, parts, 1, [&](int64_t q_begin, int64_t q_end) {
+      std::vector<uint32_t> local(std::min(bins, kPartitionBins));  // batch < 2^32 n-grams
       for (int64_t q = q_begin; q < q_end; ++q) {
-        for (int64_t k = start[q]; k < start[q + 1]; ++k) ++counts[grouped[k]];
+        const int64_t base = q << kPartitionShift;
+        const int64_t size = std::min(kPartitionBins, bins - base);
+        std::fill_n(local.data(), size, 0);
+        for (int64_t k = start[q]; k < start[q + 1]; ++k) ++local[grouped[k]];
+        int64_t* slice = counts + base;
+        if (b0 == 0) {
+          store_widened(slice, local.data(), size, bins * int64_t(sizeof(int64_t)) >= kStreamMinBytes);
+        } else {
+          for (int64_t b = 0; b < size; ++b) slice[b] += local[b];
+        }
       }
     });
   }
@@ -246,10 +309,8 @@ int64_t count_ngrams(const NgramProblem& p, const T* tokens, int64_t* counts) {
   int64_t bins = 1;
   for (int i = 0; i < p.n; ++i) bins *= p.V;
   int64_t bad;
-  if (bins > (int64_t(1) << 32)) {
-    bad = count_partitioned<uint64_t>(p, tokens, bins, counts);
-  } else if (bins > kPrivateTablesMaxBins) {
-    bad = count_partitioned<uint32_t>(p, tokens, bins, counts);
+  if (bins > kPrivateTablesMaxBins) {
+    bad = count_partitioned(p, tokens, bins, counts);
   } else if (p.rows * p.L < (int64_t(1) << 32)) {
     bad = count_private<uint32_t>(p, tokens, bins, counts);
   } else {
@@ -279,7 +340,9 @@ at::Tensor ngram_counts_(at::Tensor& counts, const at::Tensor& tokens, int64_t v
   const NgramProblem p{tokens.size(0), tokens.size(1), vocab_size, static_cast<int>(n),
                        ignore_index.has_value(), ignore_index.value_or(0)};
   int64_t bad = -1;
-  if (tokens.numel() > 0) {
+  if (tokens.numel() == 0) {
+    counts.zero_();
+  } else {
     auto* out = counts.data_ptr<int64_t>();
     switch (dtype) {
       case at::kByte: bad = count_ngrams(p, tokens.data_ptr<uint8_t>(), out); break;

@@ -4,11 +4,11 @@ Every kernel backend implements one op, with the schema of csrc/dlfast.cpp:
 
   ngram_counts_(counts, tokens, vocab_size, n, ignore_index?) -> first bad position
 
-which adds into a flat int64 table and reports (never indexes with) out-of-range tokens. The
-cpu and cuda backends are torch.ops.dlfast.ngram_counts_ (C++); the triton backend is
-torch.ops.dlfast.ngram_counts_triton_, defined here; the reference and torch backends count
-with torch.bincount on pair indices (dlfast.reference.ngram_counts), the composite the kernels
-replace. Large vocabularies take a sparse sort-and-count path instead of a dense table.
+which fills a flat int64 table (whatever it held before) and reports (never indexes with)
+out-of-range tokens. The cpu and cuda backends are torch.ops.dlfast.ngram_counts_ (C++); the
+triton backend is torch.ops.dlfast.ngram_counts_triton_, defined here; the reference and torch
+backends count with torch.bincount on pair indices (dlfast.reference.ngram_counts), the
+composite the kernels replace. Large vocabularies take a sparse sort-and-count path instead of a dense table.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def _ngram_counts_triton_(
 ) -> Tensor:
     from dlfast.triton_kernels.ngram_counts import ngram_counts_
 
+    counts.zero_()  # the op fills counts; the launcher adds into it
     return ngram_counts_(counts, tokens, vocab_size, n, ignore_index)
 
 
@@ -125,7 +126,7 @@ def ngram_counts(
     if name in ("reference", "torch"):
         counts, bad = reference.ngram_counts(rows, vocab_size, n, ignore_index)
     else:
-        counts = torch.zeros(bins, dtype=torch.long, device=rows.device)
+        counts = torch.empty(bins, dtype=torch.long, device=rows.device)
         bad = int(_KERNELS[name](counts, rows, vocab_size, n, ignore_index))
     if bad >= 0:
         _raise_bad_token(tokens, rows, bad, vocab_size, op)
