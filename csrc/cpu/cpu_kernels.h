@@ -113,6 +113,18 @@ struct TokensInVocabArgs {
   bool* result;
 };
 
+// The bins of `count` n-grams of n tokens (uint8, int16, int32 or int64 ids, all in [0, V))
+// starting at tokens[0], ..., tokens[count - 1]: bins[k] = ((t[k] V + t[k+1]) V + ...), V^n
+// at most 2^32 (reads count + n - 1 tokens).
+struct NgramBinsArgs {
+  const void* tokens;
+  int64_t count;
+  uint32_t V;
+  int n;
+  c10::ScalarType dtype;
+  uint32_t* bins;
+};
+
 #define DLFAST_DECLARE_CPU_KERNELS(ISA)                             \
   namespace ISA {                                                   \
   void layer_norm_fwd(const LayerNormFwdArgs& args);                \
@@ -121,6 +133,7 @@ struct TokensInVocabArgs {
   void attention_bwd(const AttentionBwdArgs& args);                 \
   void conv2d_relu_direct_bwd(const Conv2dReluBwdArgs& args);       \
   void tokens_in_vocab(const TokensInVocabArgs& args);              \
+  void ngram_bins(const NgramBinsArgs& args);                       \
   }
 
 DLFAST_DECLARE_CPU_KERNELS(DEFAULT)

@@ -13,12 +13,12 @@
 // its own that stays in cache, then written out in order, past the caches when the whole
 // table is far larger than they are.
 //
-// A block of tokens all in [0, V) with no ignore_index takes a branch-free loop; any other block
-// takes the general one, which checks each token (the first one outside [0, V) that is not
-// ignore_index is reported) and skips the n-grams containing a bad or ignored token. While a
-// block is counted, the next one is prefetched, so that its check does not wait on memory.
-// Counting is scalar work on integer indices; only the block check is built per ISA
-// (ngram_counts_kernel.h).
+// A block of tokens all in [0, V) with no ignore_index takes a branch-free loop, which has the
+// ISA's vector kernel compute the n-grams' bins a chunk at a time and increments them; any other
+// block takes the general one, which checks each token (the first one outside [0, V) that is
+// not ignore_index is reported) and skips the n-grams containing a bad or ignored token. While a
+// block is counted, the next one is prefetched, so that its check does not wait on memory. The
+// block check and the bins are built per ISA (ngram_counts_kernel.h); the increments are scalar.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -51,6 +51,8 @@ constexpr int kWays = 4;
 constexpr int64_t kWaysMaxBytes = int64_t(32) << 10;
 // Tokens per block of the fast-path check, and per parallel task.
 constexpr int64_t kGrainTokens = int64_t(1) << 16;
+// The most bins a table may have: bins are computed in 32 bits.
+constexpr int64_t kMaxBins = int64_t(1) << 32;
 // Tokens per cache line: the fast loop prefetches one line of the next block per line counted.
 template <typename T>
 constexpr int64_t kLineTokens = 64 / sizeof(T) > kWays ? 64 / sizeof(T) : kWays;
@@ -129,27 +131,32 @@ struct ScatterSink {  // writes each index's place in its partition to the parti
 };
 
 // Passes the N-grams starting at flat positions [begin, end) to `sink`, all of whose tokens are
-// known to be valid.
+// known to be valid: kChunk n-grams at a time, their bins computed by the ISA's vector kernel
+// into a buffer that stays in L1, then handed to the sink one by one.
 template <int N, typename T, typename Sink>
 void count_valid(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
+  constexpr int64_t kChunk = 512;
   const int64_t last = p.rows * p.L - 1;
+  uint32_t bins[kChunk];
   for (int64_t i = begin; i < end;) {
     const int64_t row_end = (i / p.L + 1) * p.L;
     const int64_t stop = std::min(end, row_end - N + 1);  // n-grams must not cross the row's end
-    int64_t s = i;
-    for (; s + kWays <= stop; s += kWays) {
-      if (((s - i) & (kLineTokens<T> - 1)) < kWays) {
-        // A line of the next block per line of this one, into L2: there when the next block's
-        // check reads it, instead of the check waiting on memory while the core idles.
-        __builtin_prefetch(tokens + std::min(s + kGrainTokens, last), 0, 2);
+    for (int64_t s = i; s < stop; s += kChunk) {
+      const int64_t count = std::min(kChunk, stop - s);
+      // The next block's lines as far ahead as this chunk's, into L2: there when the next
+      // block's check reads them, instead of the check waiting on memory while the core idles.
+      for (int64_t k = 0; k < count; k += kLineTokens<T>) {
+        __builtin_prefetch(tokens + std::min(s + k + kGrainTokens, last), 0, 2);
       }
-      // The tokens first, into registers: a table store could alias them (a char or a signed
-      // twin of the counter type), so reads after it would be repeated.
-      int64_t t[kWays + N - 1];
-      for (int k = 0; k < kWays + N - 1; ++k) t[k] = static_cast<int64_t>(tokens[s + k]);
-      for (int w = 0; w < kWays; ++w) sink(w, ngram_index<N>(t + w, p.V));
+      const NgramBinsArgs args{tokens + s, count, static_cast<uint32_t>(p.V), N,
+                               c10::CppTypeToScalarType<T>::value, bins};
+      DLFAST_CPU_DISPATCH(ngram_bins, args);
+      int64_t k = 0;
+      for (; k + kWays <= count; k += kWays) {
+        for (int w = 0; w < kWays; ++w) sink(w, bins[k + w]);
+      }
+      for (; k < count; ++k) sink(0, bins[k]);
     }
-    for (; s < stop; ++s) sink(0, ngram_index<N>(tokens + s, p.V));
     i = std::min(end, row_end);
   }
 }
@@ -330,7 +337,13 @@ at::Tensor ngram_counts_(at::Tensor& counts, const at::Tensor& tokens, int64_t v
   TORCH_CHECK(n >= 1 && n <= 3, "dlfast::ngram_counts_: n must be 1, 2 or 3, got ", n);
   TORCH_CHECK(vocab_size >= 1, "dlfast::ngram_counts_: vocab_size must be >= 1, got ", vocab_size);
   int64_t bins = 1;
-  for (int64_t i = 0; i < n; ++i) bins *= vocab_size;
+  for (int64_t i = 0; i < n; ++i) {
+    // Bins are computed in 32 bits (ngram_bins): up to 2^32 of them, 32 GiB of int64, past the
+    // 2^28 that dlfast.ngram_counts builds densely.
+    TORCH_CHECK(bins <= kMaxBins / vocab_size, "dlfast::ngram_counts_: vocab_size ** n (", vocab_size,
+                " ** ", n, ") is more than the 2^32 bins the CPU kernel counts into");
+    bins *= vocab_size;
+  }
   TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 && counts.size(0) == bins &&
                   counts.is_contiguous(),
               "dlfast::ngram_counts_: counts must be a contiguous int64 tensor of ", bins,
