@@ -160,6 +160,15 @@ def test_the_op_fills_counts_whatever_they_held(backend_device):
     assert not counts.any()
 
 
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason=str(skip_reason("cpu", "cpu")))
+def test_cpu_op_refuses_tables_past_2_to_the_32_bins():
+    """The CPU kernel computes bins in 32 bits; 2048^3 = 2^33 bins is refused before any count
+    (dlfast.ngram_counts itself stops at 2^28 and points to sparse=True)."""
+    tokens = torch.zeros(1, 8, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"2048 \*\* 3\) is more than the 2\^32 bins"):
+        torch.ops.dlfast.ngram_counts_(torch.zeros(1, dtype=torch.long), tokens, 2048, 3, None)
+
+
 def test_a_bad_id_in_no_ngram_is_still_reported(backend_device):
     backend, device = backend_device
     tokens = torch.tensor([[3], [40]], dtype=torch.int32, device=device)  # rows of one token: no pairs
