@@ -14,7 +14,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu') setup.py
 GPU_PY ?= python3
 GPU_OUT ?= $(or $(OUT),build/gpu-check)
 
-.PHONY: test test-python test-triton-interpreted cuda-check cuda-bindings-check cuda-emulate bench gpu-check lint clean \
+.PHONY: test test-python test-triton-interpreted cuda-check cuda-bindings-check cuda-emulate bench gpu-check gpu-tune lint clean \
 	wheel wheel-check
 
 $(VENV)/.deps: pyproject.toml
@@ -170,6 +170,17 @@ gpu-check:
 	set -o pipefail; $(GPU_PY) -m pytest -q -rs tests 2>&1 | tee $(GPU_OUT)/pytest.log; status=$$?; \
 	$(GPU_PY) -m dlfast bench --device cuda --json $(GPU_OUT)/bench.json 2>&1 | tee $(GPU_OUT)/bench.log; \
 	exit $$status
+
+# The Triton attention tile sweep (dlfast/bench/tune.py) on the GPU, after gpu-check built the
+# package: a JSON and a log per kernel in $(GPU_OUT)/tune/. TUNE_KERNELS picks some (a few
+# minutes each on an H100).
+TUNE_KERNELS ?= fwd dkdv dq
+gpu-tune:
+	mkdir -p $(GPU_OUT)/tune
+	set -o pipefail; for k in $(TUNE_KERNELS); do \
+		$(GPU_PY) -m dlfast.bench.tune --kernel $$k --json $(GPU_OUT)/tune/attention-$$k.json \
+			2>&1 | tee $(GPU_OUT)/tune/attention-$$k.log || exit 1; \
+	done
 
 clean:
 	rm -rf build dist *.egg-info dlfast/_C*.so dlfast/_build_info.py

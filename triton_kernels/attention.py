@@ -593,7 +593,7 @@ def _device_context(x: torch.Tensor):
 # layout: the forward and dq kernels own a tall query tile and stream keys, the dk/dv kernel
 # owns a tall key tile (two fp32 accumulators) and streams narrow query tiles; the owned tile
 # shrinks as D grows. float32 runs its ieee dots on FMA units with the operands spread over
-# registers, hence much smaller tiles.
+# registers, hence much smaller tiles. `python -m dlfast.bench.tune` times alternatives on a GPU.
 _CONFIGS = {
     # D=256: 4 bytes of spill per thread, 256 with dropout.
     ("fwd", False): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)),
