@@ -17,10 +17,11 @@
 //   conv_igemm_simt_kernel
 //                       the same two passes for fp32 on the CUDA cores (fp32 FMA, no TF32).
 //   conv_fwd_direct_kernel / conv_dgrad_direct_kernel
-//                       one thread per output element, fp32 FMA, every dtype: depthwise and the
-//                       tiny channel counts (<= 4 per group in the reduction or the output, as
-//                       in a network's first layer) where a 64-wide GEMM tile would be mostly
-//                       zeros, and any launch the GEMM grid cannot hold.
+//                       one thread per output element, fp32 FMA, every dtype: depthwise, the
+//                       tiny channel counts where a GEMM tile would be mostly zeros (<= 4 output
+//                       channels per group, as in a first layer's dx, or a reduction R S C / G
+//                       under 16, as in a 1-channel 3 x 3 forward), and any launch the GEMM grid
+//                       cannot hold.
 //   conv_wgrad_tc_kernel / conv_wgrad_kernel
 //                       dweight partial sums per split of the N P Q rows into an fp32
 //                       workspace: a (K / G) x (R S C / G) GEMM on tensor cores for fp16 / bf16
@@ -977,12 +978,16 @@ ConvDims make_dims(const Conv2dConfig& c) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The implicit GEMM (tensor cores for fp16 / bf16, CUDA cores for fp32) serves a pass when
-// both the reduction channels (Cper) and the output columns (Nper) of a group exceed 4 (below
-// that a 64 x 64 tile is mostly padding and the direct kernels win) and the column tiles of all
-// groups fit the grid's y axis.
-bool igemm_serves(int64_t groups, int Cper, int Nper, int64_t rows) {
-  return Cper > 4 && Nper > 4 && groups * ceil_div(Nper, kTileN) <= kMaxGridY &&
+// The implicit GEMM (tensor cores for fp16 / bf16, CUDA cores for fp32) serves a pass when its
+// reduction (R S Cper) fills at least half a kTileK step and a group's output columns (Nper)
+// exceed 4 (fewer, and a 64-wide column tile is mostly padding: the direct kernels win), and the
+// column tiles of all groups fit the grid's y axis. A first layer's forward (C = 3, 3 x 3: a
+// 27-deep reduction) takes the GEMM: the direct kernel's weight loads, strided by R S C across
+// a warp's channels, held it to 0.66 ms on 64 x 3 x 64 x 64 -> 64 (bf16, H100,
+// benchmarks/results/h100/conv2d_relu.json) where Triton's implicit GEMM, 27 padded to 32, took
+// 0.067 ms. Decided from that comparison, not yet timed on a GPU itself.
+bool igemm_serves(int64_t groups, int RS, int Cper, int Nper, int64_t rows) {
+  return RS * Cper >= kTileK / 2 && Nper > 4 && groups * ceil_div(Nper, kTileN) <= kMaxGridY &&
          ceil_div(rows, kTileM) <= INT_MAX;
 }
 
@@ -1126,7 +1131,7 @@ BwdWorkspace plan_workspace(const Conv2dConfig& c, DType dtype, bool dx_wanted,
   BwdWorkspace w{};
   const int64_t weight_elems = int64_t(d.K) * d.R * d.S * d.Cg;
   const size_t elem_bytes = dtype == DType::Float32 ? 4 : 2;
-  w.wt_bytes = dx_wanted && igemm_serves(c.groups, d.Kg, d.Cg, d.N * d.H * d.W)
+  w.wt_bytes = dx_wanted && igemm_serves(c.groups, d.R * d.S, d.Kg, d.Cg, d.N * d.H * d.W)
                    ? round16(static_cast<size_t>(weight_elems) * elem_bytes)
                    : 0;
   w.wgrad = make_splits(M, wgrad_tiles(dtype, d, c.groups).total);
@@ -1149,7 +1154,7 @@ cudaError_t conv2d_relu_fwd(const void* x, const void* weight, const void* bias,
   if (M == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto type) -> cudaError_t {
     using T = std::remove_pointer_t<decltype(type)>;
-    if (igemm_serves(config.groups, d.Cg, d.Kg, M)) {
+    if (igemm_serves(config.groups, d.R * d.S, d.Cg, d.Kg, M)) {
       const GemmParams p = make_gemm_params(d, false, x, nullptr, weight, bias, y);
       const bool vec = d.Cg % 8 == 0 && aligned16(x) && aligned16(weight);
       return launch_igemm<T, Pass::Forward>(p, vec, config.groups, stream);

@@ -190,10 +190,12 @@ int main(int argc, char** argv) {
   const auto add = [&](Case c, const std::string& name) { c.name = name; cases.push_back(c); };
   const DType kF32 = DType::Float32, kF16 = DType::Float16, kBF16 = DType::BFloat16;
   const auto tag = [](DType t) { return t == DType::Float32 ? "_fp32" : t == DType::Float16 ? "_fp16" : "_bf16"; };
-  // First layers (C / G <= 4): direct forward and dx, every dtype.
+  // First layers (C / G <= 4): the direct dx; the forward by the GEMM's element gather where the
+  // reduction R S C reaches 16 (3 x 3 x 3, 5 x 5 x 1), directly where it does not (3 x 3 x 1).
   for (DType t : {kF32, kF16, kBF16}) {
     { Case c; c.dtype = t; c.C = 3; c.K = 16; add(c, std::string("c3_k16_3x3_13x17") + tag(t)); }
     { Case c; c.dtype = t; c.N = 1; c.C = 1; c.K = 8; c.H = 7; c.W = 7; c.R = 5; c.S = 5; c.ph = c.pw = 2; c.bias = false; add(c, std::string("c1_k8_5x5_7x7_nobias") + tag(t)); }
+    { Case c; c.dtype = t; c.C = 1; c.K = 32; c.H = 9; c.W = 10; add(c, std::string("c1_k32_3x3_direct") + tag(t)); }
   }
   // Depthwise, with and without a channel multiplier.
   for (DType t : {kF32, kF16, kBF16}) {
