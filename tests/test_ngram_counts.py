@@ -72,6 +72,37 @@ def test_ignore_index(backend_device, V):
         assert torch.equal(got.cpu(), bincount_composite(masked, V, 2, ignore_index=pad))
 
 
+def _ngram_bincount(stream: torch.Tensor, V: int, n: int, ignore: int) -> torch.Tensor:
+    """bincount_composite of one long stream with ignore_index, vectorised."""
+    grams = stream.long().unfold(0, n, 1)  # (L - n + 1, n)
+    keep = (grams != ignore).all(1)
+    ids = torch.zeros(grams.shape[0], dtype=torch.long)
+    for k in range(n):
+        ids = ids * V + grams[:, k]
+    return torch.bincount(ids[keep], minlength=V**n).view((V,) * n)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason=str(skip_reason("cpu", "cpu")))
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize(
+    "dtype,ignore", [(torch.int32, 0), (torch.int32, 20), (torch.int16, -1), (torch.uint8, -100)], ids=str
+)
+def test_cpu_fast_path_with_ignore_index(dtype, ignore, n):
+    """ignore_index on the CPU's vectorised path: 3 blocks of 2^16 positions, the first with no
+    padding, the second with padding throughout and at its last position (an n-gram straddling
+    the block boundary), the third with padding in its first n-grams; ignore_index inside the
+    vocabulary (0), outside it (20 = V), negative, and one no uint8 token can equal."""
+    V = 20
+    tokens = make_tokens((3 * 2**16 + 5,), V, torch.int64, "cpu")
+    if ignore != -100:
+        tokens[2**16 + 3 :: 97] = ignore
+        tokens[2**17 - 1] = ignore
+        tokens[2**17 : 2**17 + 2] = ignore
+    tokens = tokens.to(dtype)
+    got = dlfast.ngram_counts(tokens, V, n, ignore_index=ignore, backend="cpu")
+    assert torch.equal(got, _ngram_bincount(tokens, V, n, ignore))
+
+
 def test_out_accumulates_chunks(backend_device):
     backend, device = backend_device
     tokens = make_tokens((1000,), 27, torch.uint8, device)
@@ -100,9 +131,9 @@ def test_bad_ids_name_value_and_position_and_leave_out_alone(backend_device, bad
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
 @pytest.mark.parametrize("isa", CPU_ISA_LEVELS)
 def test_every_cpu_isa_variant(isa):
-    """The CPU's vocabulary check is built once per ISA: each build (forced here by
-    ATEN_CPU_CAPABILITY) counts every token dtype right and finds a bad id, in the private count
-    (27^2 bins) and the partitioned one (64^3)."""
+    """The CPU's vocabulary check and bins are built once per ISA: each build (forced here by
+    ATEN_CPU_CAPABILITY) counts every token dtype right, with and without ignore_index, and finds
+    a bad id, in the private count (27^2 bins) and the partitioned one (64^3)."""
     run_on_cpu_isa(
         isa,
         "import pytest, torch, dlfast\n"
@@ -112,6 +143,9 @@ def test_every_cpu_isa_variant(isa):
         "        tokens = make_tokens((3, 200), V, dtype, 'cpu')\n"
         "        got = dlfast.ngram_counts(tokens, V, n, backend='cpu')\n"
         "        assert torch.equal(got, bincount_composite(tokens, V, n)), (dtype, V, n)\n"
+        "        tokens[:, ::9] = 5\n"
+        "        got = dlfast.ngram_counts(tokens, V, n, ignore_index=5, backend='cpu')\n"
+        "        assert torch.equal(got, bincount_composite(tokens, V, n, ignore_index=5)), (dtype, V, n)\n"
         "        tokens[2, 150] = V\n"
         "        with pytest.raises(ValueError, match=f'token id {V} at row 2, column 150'):\n"
         "            dlfast.ngram_counts(tokens, V, n, backend='cpu')\n",
@@ -165,7 +199,7 @@ def test_cpu_op_refuses_tables_past_2_to_the_32_bins():
     """The CPU kernel computes bins in 32 bits; 2048^3 = 2^33 bins is refused before any count
     (dlfast.ngram_counts itself stops at 2^28 and points to sparse=True)."""
     tokens = torch.zeros(1, 8, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"2048 \*\* 3\) is more than the 2\^32 bins"):
+    with pytest.raises(RuntimeError, match=r"2048 \*\* 3\) is more than the 2\^32 - 1 bins"):
         torch.ops.dlfast.ngram_counts_(torch.zeros(1, dtype=torch.long), tokens, 2048, 3, None)
 
 

@@ -104,23 +104,35 @@ struct Conv2dReluBwdArgs {
   c10::ScalarType dtype;
 };
 
-// Whether all n tokens (uint8, int16, int32 or int64 ids) are in [0, V); written to *result.
+// The block check of n-gram counting over n tokens (uint8, int16, int32 or int64 ids): whether
+// every one is in [0, V) or is ignore_index (when has_ignore), written to *valid, and whether
+// any is ignore_index, to *has_ignored.
 struct TokensInVocabArgs {
   const void* tokens;
   int64_t n;
   int64_t V;
+  bool has_ignore;
+  int64_t ignore;
   c10::ScalarType dtype;
-  bool* result;
+  bool* valid;
+  bool* has_ignored;
 };
 
-// The bins of `count` n-grams of n tokens (uint8, int16, int32 or int64 ids, all in [0, V))
-// starting at tokens[0], ..., tokens[count - 1]: bins[k] = ((t[k] V + t[k+1]) V + ...), V^n
-// at most 2^32 (reads count + n - 1 tokens).
+// The bin of an n-gram that skip_ignored marks as containing ignore_index: no bin has it, as
+// the op counts into at most 2^32 - 1 bins.
+constexpr uint32_t kSkippedNgramBin = UINT32_MAX;
+
+// The bins of `count` n-grams of n tokens (uint8, int16, int32 or int64 ids, each in [0, V) or
+// ignore_index) starting at tokens[0], ..., tokens[count - 1]: bins[k] = ((t[k] V + t[k+1]) V
+// + ...), V^n below 2^32, or kSkippedNgramBin with skip_ignored where the n-gram holds
+// ignore_index (reads count + n - 1 tokens).
 struct NgramBinsArgs {
   const void* tokens;
   int64_t count;
   uint32_t V;
   int n;
+  bool skip_ignored;
+  int64_t ignore;
   c10::ScalarType dtype;
   uint32_t* bins;
 };

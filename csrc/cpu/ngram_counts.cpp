@@ -13,10 +13,11 @@
 // its own that stays in cache, then written out in order, past the caches when the whole
 // table is far larger than they are.
 //
-// A block of tokens all in [0, V) with no ignore_index takes a branch-free loop, which has the
-// ISA's vector kernel compute the n-grams' bins a chunk at a time and increments them; any other
-// block takes the general one, which checks each token (the first one outside [0, V) that is
-// not ignore_index is reported) and skips the n-grams containing a bad or ignored token. While a
+// A block of tokens each in [0, V) or ignore_index takes the fast loop, which has the ISA's
+// vector kernel compute the n-grams' bins a chunk at a time (marking those holding ignore_index)
+// and increments them; a block with a token outside takes the general one, which checks each
+// token (the first one outside [0, V) that is not ignore_index is reported) and skips the
+// n-grams containing a bad or ignored token. While a
 // block is counted, the next one is prefetched, so that its check does not wait on memory. The
 // block check and the bins are built per ISA (ngram_counts_kernel.h); the increments are scalar.
 #include <ATen/Parallel.h>
@@ -51,8 +52,9 @@ constexpr int kWays = 4;
 constexpr int64_t kWaysMaxBytes = int64_t(32) << 10;
 // Tokens per block of the fast-path check, and per parallel task.
 constexpr int64_t kGrainTokens = int64_t(1) << 16;
-// The most bins a table may have: bins are computed in 32 bits.
-constexpr int64_t kMaxBins = int64_t(1) << 32;
+// The most bins a table may have: bins are computed in 32 bits, UINT32_MAX marking a skipped
+// n-gram (kSkippedNgramBin).
+constexpr int64_t kMaxBins = (int64_t(1) << 32) - 1;
 // Tokens per cache line: the fast loop prefetches one line of the next block per line counted.
 template <typename T>
 constexpr int64_t kLineTokens = 64 / sizeof(T) > kWays ? 64 / sizeof(T) : kWays;
@@ -79,12 +81,17 @@ inline int64_t ngram_index(const T* t, int64_t V) {
   return index;
 }
 
-// Whether every token of [begin, end) is in [0, V), by the ISA's vectorised check.
+// The ISA's vectorised check of tokens [begin, end): whether each is in [0, V) or is
+// ignore_index (valid), and whether any is ignore_index (has_ignored).
+struct BlockCheck {
+  bool valid, has_ignored;
+};
+
 template <typename T>
-bool all_in_vocab(const T* tokens, int64_t begin, int64_t end, int64_t V) {
-  bool result = false;
-  const TokensInVocabArgs args{tokens + begin, end - begin, V, c10::CppTypeToScalarType<T>::value,
-                               &result};
+BlockCheck check_block(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end) {
+  BlockCheck result{false, false};
+  const TokensInVocabArgs args{tokens + begin, end - begin, p.V, p.has_ignore, p.ignore,
+                               c10::CppTypeToScalarType<T>::value, &result.valid, &result.has_ignored};
   DLFAST_CPU_DISPATCH(tokens_in_vocab, args);
   return result;
 }
@@ -131,10 +138,12 @@ struct ScatterSink {  // writes each index's place in its partition to the parti
 };
 
 // Passes the N-grams starting at flat positions [begin, end) to `sink`, all of whose tokens are
-// known to be valid: kChunk n-grams at a time, their bins computed by the ISA's vector kernel
-// into a buffer that stays in L1, then handed to the sink one by one.
+// known to be in [0, V) or ignore_index (the n-grams holding it skipped where skip_ignored):
+// kChunk n-grams at a time, their bins computed by the ISA's vector kernel into a buffer that
+// stays in L1, then handed to the sink one by one.
 template <int N, typename T, typename Sink>
-void count_valid(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
+void count_valid(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end,
+                 bool skip_ignored, Sink& sink) {
   constexpr int64_t kChunk = 512;
   const int64_t last = p.rows * p.L - 1;
   uint32_t bins[kChunk];
@@ -148,10 +157,15 @@ void count_valid(const NgramProblem& p, const T* tokens, int64_t begin, int64_t 
       for (int64_t k = 0; k < count; k += kLineTokens<T>) {
         __builtin_prefetch(tokens + std::min(s + k + kGrainTokens, last), 0, 2);
       }
-      const NgramBinsArgs args{tokens + s, count, static_cast<uint32_t>(p.V), N,
-                               c10::CppTypeToScalarType<T>::value, bins};
+      const NgramBinsArgs args{tokens + s, count, static_cast<uint32_t>(p.V), N, skip_ignored,
+                               p.ignore, c10::CppTypeToScalarType<T>::value, bins};
       DLFAST_CPU_DISPATCH(ngram_bins, args);
       int64_t k = 0;
+      if (skip_ignored) {
+        for (; k < count; ++k) {
+          if (bins[k] != kSkippedNgramBin) sink(static_cast<int>(k % kWays), bins[k]);
+        }
+      }
       for (; k + kWays <= count; k += kWays) {
         for (int w = 0; w < kWays; ++w) sink(w, bins[k + w]);
       }
@@ -187,16 +201,17 @@ int64_t count_checked(const NgramProblem& p, const T* tokens, int64_t begin, int
 }
 
 // Passes the n-grams starting in [begin, end) to `sink` block by block, each block by the fast
-// loop when its tokens (and the N - 1 after it that its n-grams read) are all valid. Returns the
-// first bad position as count_checked does.
+// loop when its tokens (and the N - 1 after it that its n-grams read) are all in [0, V) or
+// ignore_index. Returns the first bad position as count_checked does.
 template <int N, typename T, typename Sink>
 int64_t count_range(const NgramProblem& p, const T* tokens, int64_t begin, int64_t end, Sink& sink) {
   const int64_t total = p.rows * p.L;
   int64_t first_bad = std::numeric_limits<int64_t>::max();
   for (int64_t b = begin; b < end; b += kGrainTokens) {
     const int64_t e = std::min(end, b + kGrainTokens);
-    if (!p.has_ignore && all_in_vocab(tokens, b, std::min(total, e + N - 1), p.V)) {
-      count_valid<N>(p, tokens, b, e, sink);
+    const BlockCheck check = check_block(p, tokens, b, std::min(total, e + N - 1));
+    if (check.valid) {
+      count_valid<N>(p, tokens, b, e, check.has_ignored, sink);
     } else {
       first_bad = std::min(first_bad, count_checked<N>(p, tokens, b, e, sink));
     }
@@ -338,10 +353,10 @@ at::Tensor ngram_counts_(at::Tensor& counts, const at::Tensor& tokens, int64_t v
   TORCH_CHECK(vocab_size >= 1, "dlfast::ngram_counts_: vocab_size must be >= 1, got ", vocab_size);
   int64_t bins = 1;
   for (int64_t i = 0; i < n; ++i) {
-    // Bins are computed in 32 bits (ngram_bins): up to 2^32 of them, 32 GiB of int64, past the
-    // 2^28 that dlfast.ngram_counts builds densely.
+    // Bins are computed in 32 bits (ngram_bins): up to 2^32 - 1 of them, 32 GiB of int64, past
+    // the 2^28 that dlfast.ngram_counts builds densely.
     TORCH_CHECK(bins <= kMaxBins / vocab_size, "dlfast::ngram_counts_: vocab_size ** n (", vocab_size,
-                " ** ", n, ") is more than the 2^32 bins the CPU kernel counts into");
+                " ** ", n, ") is more than the 2^32 - 1 bins the CPU kernel counts into");
     bins *= vocab_size;
   }
   TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 && counts.size(0) == bins &&

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include "cpu_kernels.h"
 
@@ -19,34 +20,74 @@ namespace CPU_CAPABILITY {
 
 namespace ngram {
 
+// ignore_index as a T, or nullopt where no T equals it (then nothing is ignored).
 template <typename T>
-bool in_vocab(const T* tokens, int64_t n, int64_t V) {
-  const T last = V - 1 >= int64_t{std::numeric_limits<T>::max()} ? std::numeric_limits<T>::max()
-                                                                  : static_cast<T>(V - 1);
-  T lo = 0, hi = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, tokens[i]);
-    hi = std::max(hi, tokens[i]);
+std::optional<T> as_token(bool has_ignore, int64_t ignore) {
+  using Limits = std::numeric_limits<T>;
+  if (!has_ignore || ignore < int64_t{Limits::min()} || ignore > int64_t{Limits::max()}) {
+    return std::nullopt;
   }
-  return lo >= 0 && hi <= last;
+  return static_cast<T>(ignore);
+}
+
+template <typename T>
+void check_block(const TokensInVocabArgs& a) {
+  const T* tokens = static_cast<const T*>(a.tokens);
+  const T last = a.V - 1 >= int64_t{std::numeric_limits<T>::max()} ? std::numeric_limits<T>::max()
+                                                                    : static_cast<T>(a.V - 1);
+  const std::optional<T> ignore = as_token<T>(a.has_ignore, a.ignore);
+  if (!ignore) {  // a min and a max
+    T lo = 0, hi = 0;
+    for (int64_t i = 0; i < a.n; ++i) {
+      lo = std::min(lo, tokens[i]);
+      hi = std::max(hi, tokens[i]);
+    }
+    *a.valid = lo >= 0 && hi <= last;
+    *a.has_ignored = false;
+    return;
+  }
+  // Or-reductions of per-token flags, in integers so that they vectorise.
+  int bad = 0, seen = 0;
+  for (int64_t i = 0; i < a.n; ++i) {
+    const T t = tokens[i];
+    const int ignored = t == *ignore;
+    bad |= !((t >= 0 && t <= last) || ignored);
+    seen |= ignored;
+  }
+  *a.valid = bad == 0;
+  *a.has_ignored = seen != 0;
+}
+
+template <int N, bool kSkipIgnored, typename T>
+void bins_of(const T* tokens, int64_t count, uint32_t V, T ignore, uint32_t* bins) {
+  for (int64_t k = 0; k < count; ++k) {
+    uint32_t b = static_cast<uint32_t>(tokens[k]);
+    bool skip = kSkipIgnored && tokens[k] == ignore;
+    for (int j = 1; j < N; ++j) {
+      b = b * V + static_cast<uint32_t>(tokens[k + j]);
+      if constexpr (kSkipIgnored) skip |= tokens[k + j] == ignore;
+    }
+    bins[k] = skip ? kSkippedNgramBin : b;
+  }
 }
 
 template <int N, typename T>
-void bins_of(const T* tokens, int64_t count, uint32_t V, uint32_t* bins) {
-  for (int64_t k = 0; k < count; ++k) {
-    uint32_t b = static_cast<uint32_t>(tokens[k]);
-    for (int j = 1; j < N; ++j) b = b * V + static_cast<uint32_t>(tokens[k + j]);
-    bins[k] = b;
+void bins_of_n(const NgramBinsArgs& a, const T* tokens) {
+  const std::optional<T> ignore = as_token<T>(a.skip_ignored, a.ignore);
+  if (ignore) {
+    bins_of<N, true>(tokens, a.count, a.V, *ignore, a.bins);
+  } else {
+    bins_of<N, false>(tokens, a.count, a.V, T(0), a.bins);
   }
 }
 
 template <typename T>
-void bins_of_n(const NgramBinsArgs& a) {
-  const T* t = static_cast<const T*>(a.tokens);
+void bins_of_t(const NgramBinsArgs& a) {
+  const T* tokens = static_cast<const T*>(a.tokens);
   switch (a.n) {
-    case 1: bins_of<1>(t, a.count, a.V, a.bins); break;
-    case 2: bins_of<2>(t, a.count, a.V, a.bins); break;
-    default: bins_of<3>(t, a.count, a.V, a.bins); break;
+    case 1: bins_of_n<1>(a, tokens); break;
+    case 2: bins_of_n<2>(a, tokens); break;
+    default: bins_of_n<3>(a, tokens); break;
   }
 }
 
@@ -54,20 +95,20 @@ void bins_of_n(const NgramBinsArgs& a) {
 
 void tokens_in_vocab(const TokensInVocabArgs& a) {
   switch (a.dtype) {
-    case c10::ScalarType::Byte: *a.result = ngram::in_vocab(static_cast<const uint8_t*>(a.tokens), a.n, a.V); break;
-    case c10::ScalarType::Short: *a.result = ngram::in_vocab(static_cast<const int16_t*>(a.tokens), a.n, a.V); break;
-    case c10::ScalarType::Int: *a.result = ngram::in_vocab(static_cast<const int32_t*>(a.tokens), a.n, a.V); break;
-    case c10::ScalarType::Long: *a.result = ngram::in_vocab(static_cast<const int64_t*>(a.tokens), a.n, a.V); break;
+    case c10::ScalarType::Byte: ngram::check_block<uint8_t>(a); break;
+    case c10::ScalarType::Short: ngram::check_block<int16_t>(a); break;
+    case c10::ScalarType::Int: ngram::check_block<int32_t>(a); break;
+    case c10::ScalarType::Long: ngram::check_block<int64_t>(a); break;
     default: TORCH_CHECK(false, "dlfast::ngram_counts: tokens of ", a.dtype, " are not integer ids");
   }
 }
 
 void ngram_bins(const NgramBinsArgs& a) {
   switch (a.dtype) {
-    case c10::ScalarType::Byte: ngram::bins_of_n<uint8_t>(a); break;
-    case c10::ScalarType::Short: ngram::bins_of_n<int16_t>(a); break;
-    case c10::ScalarType::Int: ngram::bins_of_n<int32_t>(a); break;
-    case c10::ScalarType::Long: ngram::bins_of_n<int64_t>(a); break;
+    case c10::ScalarType::Byte: ngram::bins_of_t<uint8_t>(a); break;
+    case c10::ScalarType::Short: ngram::bins_of_t<int16_t>(a); break;
+    case c10::ScalarType::Int: ngram::bins_of_t<int32_t>(a); break;
+    case c10::ScalarType::Long: ngram::bins_of_t<int64_t>(a); break;
     default: TORCH_CHECK(false, "dlfast::ngram_counts: tokens of ", a.dtype, " are not integer ids");
   }
 }
