@@ -41,8 +41,8 @@
 namespace dlfast::cpu {
 namespace {
 
-// Bins up to which each thread counts into private tables (kWays copies of 32-bit counters within
-// about a 1 MiB L2 at V = 256, n = 2); past it the partitioned count. Measured on the 2-core EPYC
+// Bins up to which each thread counts into private tables (32-bit counters: 256 KiB at V = 256,
+// n = 2, within a core's 1 MiB L2); past it the partitioned count. Measured on the 2-core EPYC
 // VM (benchmarks/results/cpu-epyc-2core-avx512/bigram_counts.json).
 constexpr int64_t kPrivateTablesMaxBins = int64_t(1) << 16;
 constexpr int kWays = 4;
@@ -62,7 +62,7 @@ constexpr int64_t kLineTokens = 64 / sizeof(T) > kWays ? 64 / sizeof(T) : kWays;
 // and a bin's place in its partition fits 16 bits.
 constexpr int kPartitionShift = 16;
 constexpr int64_t kPartitionBins = int64_t(1) << kPartitionShift;
-// Bytes of a table from which the partitioned count writes it past the caches (as the L3).
+// Bytes of a table (the L3's size) from which the partitioned count writes it past the caches.
 constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
 // Tokens per batch of the partitioned count, which holds one index buffer of this length.
 constexpr int64_t kBatchTokens = int64_t(1) << 24;
