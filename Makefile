@@ -173,12 +173,13 @@ gpu-check:
 
 # The Triton attention tile sweep (dlfast/bench/tune.py) on the GPU, after gpu-check built the
 # package: a JSON and a log per kernel in $(GPU_OUT)/tune/. TUNE_KERNELS picks some (a few
-# minutes each on an H100).
+# minutes each on an H100), TUNE_ARGS passes more options (--head-dim 128, --seq 8192).
 TUNE_KERNELS ?= fwd dkdv dq
+TUNE_ARGS ?=
 gpu-tune:
 	mkdir -p $(GPU_OUT)/tune
 	set -o pipefail; for k in $(TUNE_KERNELS); do \
-		$(GPU_PY) -m dlfast.bench.tune --kernel $$k --json $(GPU_OUT)/tune/attention-$$k.json \
+		$(GPU_PY) -m dlfast.bench.tune --kernel $$k $(TUNE_ARGS) --json $(GPU_OUT)/tune/attention-$$k.json \
 			2>&1 | tee $(GPU_OUT)/tune/attention-$$k.log || exit 1; \
 	done
 
