@@ -48,3 +48,10 @@ def test_candidates_are_valid_tiles(kernel):
         for m, n, warps, stages in configs:
             assert m >= 16 and n >= 16 and m & (m - 1) == 0 and n & (n - 1) == 0
             assert warps in (4, 8) and stages >= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tells apart a machine with no GPU")
+def test_the_sweep_refuses_to_run_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        tune.main(["--kernel", "fwd"])
+    assert "none is visible" in capsys.readouterr().err

@@ -126,6 +126,7 @@ def tune_entry(
         except Exception as exc:  # a tile that does not compile: reported, never chosen
             row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
         rows.append(row)
+        print(f"  {kernel} D={D} {tuple(config)}: {row.get('error') or _timing(row)}", flush=True)
     return rows
 
 
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
+    meta = metadata(device, quick=False)
     rows, chosen = [], []
     for kernel in args.kernel or KERNELS:
         for D in args.head_dim or (64, 128):
@@ -161,24 +163,25 @@ def main(argv: list[str] | None = None) -> int:
             if top is not None:
                 chosen.append({"kernel": kernel, "D": D, "best": top["config"], "table": table_row["config"]})
             print(_line(kernel, D, top, table_row), flush=True)
-    meta = metadata(device, quick=False)
-    meta["seconds"] = round(time.perf_counter() - started, 1)
+            if args.json:  # after every entry: a run cut short keeps what it measured
+                meta["seconds"] = round(time.perf_counter() - started, 1)
+                write_json(args.json, "dlfast-tune/1", meta, [f"best: {c}" for c in chosen], rows)
     if args.json:
-        write_json(args.json, "dlfast-tune/1", meta, [f"best: {c}" for c in chosen], rows)
         print(f"wrote {args.json}")
     return 0
 
 
-def _line(kernel: str, D: int, top: dict | None, table_row: dict) -> str:
-    def timing(row: dict) -> str:
-        return f"{tuple(row['config'])} {row['ms']:.3f} + {row['causal_ms']:.3f} ms (not causal + causal)"
+def _timing(row: dict) -> str:
+    return f"{tuple(row['config'])} {row['ms']:.3f} + {row['causal_ms']:.3f} ms (not causal + causal)"
 
+
+def _line(kernel: str, D: int, top: dict | None, table_row: dict) -> str:
     if top is None:
         return f"{kernel} D={D}: no candidate ran"
-    text = f"{kernel} D={D}: best {timing(top)}; table "
+    text = f"{kernel} D={D}: best {_timing(top)}; table "
     if "error" in table_row:
         return text + f"{tuple(table_row['config'])}: {table_row['error']}"
-    return text + timing(table_row)
+    return text + _timing(table_row)
 
 
 if __name__ == "__main__":
