@@ -100,7 +100,7 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # ngram_counts on cpu, count against torch: benchmarks/results/cpu-epyc-2core-avx512/bigram_counts.json
     ("ngram_counts", "cpu"): (
-        # uint8/int16/int32/int64, any size: cpu 2.93-14.54x torch (geomean 7.15x) at 10^6, 10^7 (14 cases;
+        # uint8/int16/int32/int64, any size: cpu 2.73-12.96x torch (geomean 6.80x) at 10^6, 10^7 (14 cases;
         # bigram_counts.json); below 10^6 modelled with no extra cost per call; above 10^7 as there
         (None, (torch.uint8, torch.int16, torch.int32, torch.int64), ("cpu", "torch")),
         # other dtypes: torch
