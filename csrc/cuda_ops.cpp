@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <cuda_runtime_api.h>
@@ -41,27 +42,25 @@ void check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, N), got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a last dim to normalise, got a 0-dim tensor");
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  TORCH_CHECK(x.size(1) <= dlfast::cuda::kLayerNormMaxN, op, ": x rows may have at most ",
-              dlfast::cuda::kLayerNormMaxN, " elements, got ", x.size(1));
+  TORCH_CHECK(x.size(-1) <= dlfast::cuda::kLayerNormMaxN, op, ": x rows may have at most ",
+              dlfast::cuda::kLayerNormMaxN, " elements, got ", x.size(-1));
 }
 
-// A tensor of shape (rows, cols) (or (rows,) when cols < 0) on x's device, contiguous, of `type`.
+// The rows of x, (..., N), each normalised over the last dim.
+int64_t rows_of(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+// A tensor of `shape` on x's device, contiguous, of `type`.
 void check_like(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x,
-                at::ScalarType type, int64_t rows, int64_t cols = -1) {
+                at::ScalarType type, at::IntArrayRef shape) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
               " like x, got ", t.device());
   TORCH_CHECK(t.scalar_type() == type, op, ": ", name, " must be ", type, ", got ",
               t.scalar_type());
-  const bool shape_ok = cols < 0 ? (t.dim() == 1 && t.size(0) == rows)
-                                 : (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols);
-  if (cols < 0) {
-    TORCH_CHECK(shape_ok, op, ": ", name, " must have shape (", rows, ",), got ", t.sizes());
-  } else {
-    TORCH_CHECK(shape_ok, op, ": ", name, " must have shape (", rows, ", ", cols, "), got ",
-                t.sizes());
-  }
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -73,15 +72,15 @@ TensorTriple layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Te
                                  const std::optional<at::Tensor>& bias, double eps) {
   constexpr const char* op = "dlfast::layer_norm_fwd";
   check_x(x, op);
-  const int64_t M = x.size(0);
-  const int64_t N = x.size(1);
+  const int64_t M = rows_of(x);
+  const int64_t N = x.size(-1);
   const at::Tensor* w = defined_or_null(weight);
   const at::Tensor* b = defined_or_null(bias);
-  if (w != nullptr) check_like(*w, op, "weight", x, x.scalar_type(), N);
-  if (b != nullptr) check_like(*b, op, "bias", x, x.scalar_type(), N);
+  if (w != nullptr) check_like(*w, op, "weight", x, x.scalar_type(), {N});
+  if (b != nullptr) check_like(*b, op, "bias", x, x.scalar_type(), {N});
 
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0) return {y, mean, rstd};
@@ -101,16 +100,16 @@ TensorTriple layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x,
                                  const at::Tensor& rstd, bool weight_grad, bool bias_grad) {
   constexpr const char* op = "dlfast::layer_norm_bwd";
   check_x(x, op);
-  const int64_t M = x.size(0);
-  const int64_t N = x.size(1);
-  check_like(dy, op, "dy", x, x.scalar_type(), M, N);
+  const int64_t M = rows_of(x);
+  const int64_t N = x.size(-1);
+  check_like(dy, op, "dy", x, x.scalar_type(), x.sizes());
   const at::Tensor* w = defined_or_null(weight);
-  if (w != nullptr) check_like(*w, op, "weight", x, x.scalar_type(), N);
-  check_like(mean, op, "mean", x, at::kFloat, M);
-  check_like(rstd, op, "rstd", x, at::kFloat, M);
+  if (w != nullptr) check_like(*w, op, "weight", x, x.scalar_type(), {N});
+  check_like(mean, op, "mean", x, at::kFloat, {M});
+  check_like(rstd, op, "rstd", x, at::kFloat, {M});
 
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = at::empty({M, N}, x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
   // Gradients that are not wanted come back as (0,) tensors, as the schema's callers expect.
   at::Tensor dweight = at::empty({weight_grad ? N : 0}, x.options());
   at::Tensor dbias = at::empty({bias_grad ? N : 0}, x.options());

@@ -8,14 +8,15 @@
 #include "cpu/cpu_kernels.h"
 
 TORCH_LIBRARY(dlfast, m) {
-  // x: (M, N) contiguous rows; weight, bias: (N,) or None.
-  // Returns y (M, N) in x's dtype and mean, rstd (M,) in the accumulation dtype
-  // (float32, or float64 for float64 input), saved for the backward.
+  // x: (..., N) contiguous, normalised over its last dim: M = numel / N rows (any leading dims,
+  // so that callers need no reshape, which under autograd would cost two view nodes a call);
+  // weight, bias: (N,) or None. Returns y of x's shape and dtype and mean, rstd (M,) in the
+  // accumulation dtype (float32, or float64 for float64 input), saved for the backward.
   m.def(
       "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor, Tensor, Tensor)");
-  // Returns dx (M, N), dweight (N,) and dbias (N,); a gradient that is not asked
-  // for comes back as an empty (0,) tensor so its reduction is skipped.
+  // dy: of x's shape. Returns dx of x's shape, dweight (N,) and dbias (N,); a gradient that is
+  // not asked for comes back as an empty (0,) tensor so its reduction is skipped.
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
       " bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");

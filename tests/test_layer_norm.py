@@ -153,16 +153,30 @@ def _kernel_ops(backend):
 
 
 @pytest.mark.parametrize("affine", AFFINE)
-def test_opcheck(backend_device, affine):
+@pytest.mark.parametrize("shape", [(5, 40), (2, 3, 40)], ids=str)
+def test_opcheck(backend_device, affine, shape):
     backend, device = backend_device
     if backend == "reference":
         pytest.skip("the reference backend is plain PyTorch, not a custom op")
     fwd, bwd = _kernel_ops(backend)
-    x, w, b = make_inputs((5, 40), (40,), torch.float32, device, affine)
+    x, w, b = make_inputs(shape, (40,), torch.float32, device, affine)
     torch.library.opcheck(fwd, (x, w, b, 1e-5))
     _y, mean, rstd = fwd(x, w, b, 1e-5)
     dy = torch.randn_like(x)
     torch.library.opcheck(bwd, (dy, x, w, mean, rstd, w is not None, b is not None))
+
+
+def test_leading_dims_take_no_reshape(backend_device):
+    """The kernel ops normalise the last dim of any shape, so a (B, T, C) input becomes one
+    autograd node whose input is x itself, not a node between two views."""
+    backend, device = backend_device
+    if backend == "reference":
+        pytest.skip("the reference backend is plain PyTorch, not a custom op")
+    x, w, b = make_inputs((2, 3, 40), (40,), torch.float32, device)
+    x.requires_grad_()
+    y = dlfast.layer_norm(x, 40, w, b, backend=backend)
+    assert "View" not in y.grad_fn.name()
+    assert y.grad_fn.next_functions[0][0].variable is x
 
 
 def test_torch_compile_fullgraph(backend_device):

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -38,21 +39,23 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, "dlfast::layer_norm: ", name, " must be 2-D (rows, N), got ", t.sizes());
+// x or dy: (..., N), contiguous, normalised over its last dim; returns the number of rows.
+int64_t check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 1, "dlfast::layer_norm: ", name, " must have a last dim to normalise, got a 0-dim tensor");
   TORCH_CHECK(t.is_contiguous(), "dlfast::layer_norm: ", name, " must be contiguous");
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               "dlfast::layer_norm: ", name, " must be float32, float64, float16 or bfloat16, got ",
               dtype);
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
 // weight or bias: (N,), contiguous, in x's dtype and on x's device.
 const void* vector_ptr(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "dlfast::layer_norm: ", name,
-              " must have shape (", x.size(1), ",), got ", t->sizes());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(-1), "dlfast::layer_norm: ", name,
+              " must have shape (", x.size(-1), ",), got ", t->sizes());
   TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dlfast::layer_norm: ", name,
               " must have x's dtype ", x.scalar_type(), ", got ", t->scalar_type());
   TORCH_CHECK(t->device() == x.device(), "dlfast::layer_norm: ", name, " is on ", t->device(),
@@ -81,9 +84,8 @@ bool stream_output(const at::Tensor& out) { return out.nbytes() >= stream_min_by
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
-  check_rows(x, "x");
-  const int64_t M = x.size(0), N = x.size(1);
-  auto y = at::empty({M, N}, x.options());
+  const int64_t M = check_rows(x, "x"), N = x.size(-1);
+  auto y = at::empty(x.sizes(), x.options());
   auto mean = at::empty({M}, x.options().dtype(stats_dtype(x)));
   auto rstd = at::empty({M}, x.options().dtype(stats_dtype(x)));
   LayerNormFwdArgs args{x.data_ptr(), vector_ptr(weight, x, "weight"),
@@ -98,19 +100,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, bool weight_grad, bool bias_grad) {
-  check_rows(x, "x");
+  const int64_t M = check_rows(x, "x"), N = x.size(-1);
   check_rows(dy, "dy");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
               "dlfast::layer_norm: dy must match x (", x.sizes(), ", ", x.scalar_type(),
               "), got ", dy.sizes(), ", ", dy.scalar_type());
-  const int64_t M = x.size(0), N = x.size(1);
   for (const auto* stat : {&mean, &rstd}) {
     TORCH_CHECK(stat->dim() == 1 && stat->size(0) == M && stat->is_contiguous() &&
                     stat->scalar_type() == stats_dtype(x),
                 "dlfast::layer_norm: mean and rstd must be contiguous (", M, ",) ",
                 stats_dtype(x), " tensors from layer_norm_fwd");
   }
-  auto dx = at::empty({M, N}, x.options());
+  auto dx = at::empty(x.sizes(), x.options());
   if (M == 0) {
     // The gradient of a sum over no rows.
     return {dx, at::zeros({weight_grad ? N : 0}, x.options()),

@@ -1,6 +1,6 @@
 """dlfast.layer_norm: torch.nn.functional.layer_norm on fused kernels.
 
-Every kernel backend works on a 2-D (M, N) contiguous view of the input, with
+Every kernel backend normalises the last dim of a contiguous (..., N) input, with
 N = prod(normalized_shape), through a pair of ops with one schema:
 
   layer_norm_fwd(x, weight?, bias?, eps) -> (y, mean, rstd)
@@ -32,7 +32,7 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 
 
 def _fwd_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    M = x.shape[0]
+    M = math.prod(x.shape[:-1])
     return (
         torch.empty_like(x),
         x.new_empty((M,), dtype=_stats_dtype(x)),
@@ -41,7 +41,7 @@ def _fwd_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float)
 
 
 def _bwd_fake(dy, x, weight, mean, rstd, weight_grad: bool, bias_grad: bool):
-    N = x.shape[1]
+    N = x.shape[-1]
     return torch.empty_like(x), x.new_empty((N if weight_grad else 0,)), x.new_empty((N if bias_grad else 0,))
 
 
@@ -51,7 +51,8 @@ def _layer_norm_fwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from dlfast.triton_kernels.layer_norm import layer_norm_fwd
 
-    return layer_norm_fwd(x, weight, bias, eps)
+    y, mean, rstd = layer_norm_fwd(x.reshape(-1, x.shape[-1]), weight, bias, eps)
+    return y.view(x.shape), mean, rstd
 
 
 @torch.library.custom_op("dlfast::layer_norm_bwd_triton", mutates_args=())
@@ -66,7 +67,11 @@ def _layer_norm_bwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from dlfast.triton_kernels.layer_norm import layer_norm_bwd
 
-    return layer_norm_bwd(dy, x, weight, mean, rstd, weight_grad, bias_grad)
+    N = x.shape[-1]
+    dx, dweight, dbias = layer_norm_bwd(
+        dy.reshape(-1, N), x.reshape(-1, N), weight, mean, rstd, weight_grad, bias_grad
+    )
+    return dx.view(x.shape), dweight, dbias
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,21 +100,27 @@ _KERNELS = register_kernels(
 
 
 def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> None:
+    # Runs on every call, so it is written for the interpreter's sake: no generators, each tensor
+    # property read once (with cold caches each costs microseconds; see backends.choose).
     if not isinstance(x, Tensor):
         raise TypeError(f"layer_norm: x must be a Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"layer_norm: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if any(not isinstance(n, (int, torch.SymInt)) or n < 0 for n in normalized_shape):
-        raise ValueError(f"layer_norm: normalized_shape must be non-negative ints, got {normalized_shape}")
-    if len(normalized_shape) == 0 or tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape:
+    for n in normalized_shape:
+        if not isinstance(n, (int, torch.SymInt)) or n < 0:
+            raise ValueError(
+                f"layer_norm: normalized_shape must be non-negative ints, got {normalized_shape}"
+            )
+    x_shape = x.shape
+    if len(normalized_shape) == 0 or x_shape[len(x_shape) - len(normalized_shape) :] != normalized_shape:
         raise ValueError(
             f"layer_norm: normalized_shape {list(normalized_shape)} must be non-empty and match the trailing "
-            f"dims of x, whose shape is {list(x.shape)}"
+            f"dims of x, whose shape is {list(x_shape)}"
         )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if tuple(t.shape) != normalized_shape:
+        if t.shape != normalized_shape:
             raise ValueError(
                 f"layer_norm: {name} must have shape {list(normalized_shape)}, got {list(t.shape)}"
             )
@@ -155,13 +166,17 @@ def layer_norm(
         # PyTorch runs layer_norm in float32 under CUDA autocast. Cast x here, before the
         # parameters are cast to x's dtype below, so float32 parameters are not rounded first.
         x = x.float()
-    N = math.prod(shape)
+    N = shape[0] if len(shape) == 1 else math.prod(shape)
     if x.numel() == 0 or N == 0:
         # Nothing to normalise: let PyTorch produce the (empty) result and its graph.
         return F.layer_norm(x, shape, weight, bias, eps)
-    x2d = x.reshape(-1, N).contiguous()
     fwd, _bwd = _KERNELS[name]
-    y, _mean, _rstd = fwd(x2d, _as_row_vector(weight, x.dtype, N), _as_row_vector(bias, x.dtype, N), eps)
+    weight, bias = _as_row_vector(weight, x.dtype, N), _as_row_vector(bias, x.dtype, N)
+    if len(shape) == 1:
+        # The kernels normalise the last dim of any shape: no reshape, no view nodes in the graph.
+        return fwd(x.contiguous(), weight, bias, eps)[0]
+    # Several normalised dims: the kernels see them as one.
+    y = fwd(x.reshape(*x.shape[: x.dim() - len(shape)], N).contiguous(), weight, bias, eps)[0]
     return y.view_as(x)
 
 
