@@ -232,21 +232,52 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
+# The default backend per (op, device type) and DEFAULTS row, found once: which backends are
+# available does not change within a process, and no DEFAULTS row names triton for CPU tensors
+# (the one case where runs_on reads the environment).
+_RESOLVED: dict[tuple[str, str], tuple[tuple[int | None, tuple[torch.dtype, ...] | None, str], ...]] = {}
+
+
+def _resolved_defaults(op: str, device: torch.device):
+    rows = []
+    for max_numel, dtypes, candidates in DEFAULTS.get((op, device.type), ()):
+        runnable = [c for c in candidates if unavailable_reason(c) is None and runs_on(c, device)]
+        rows.append((max_numel, dtypes, runnable[0] if runnable else "torch"))
+    return tuple(rows)
+
+
+# os.environ.get raises and catches a KeyError when the variable is unset, which costs ~10 us a
+# call when the interpreter's data is out of the CPU caches (as between the ops of a model): a
+# tenth of a small op. A lookup in os.environ's own dict of encoded names reads the same variable.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("DLFAST_BACKEND") if _ENV_DATA is not None else None
+
+
+def _env_backend() -> str | None:
+    if _ENV_DATA is None:
+        return os.environ.get("DLFAST_BACKEND") or None
+    value = _ENV_DATA.get(_ENV_KEY)
+    return os.environ.decodevalue(value) if value else None
+
+
 def choose(op: str, x: torch.Tensor, backend: str | None = None) -> str:
-    """The backend that runs `op` on input `x` (its device, size and dtype decide the default)."""
-    device = x.device
-    name = backend or (_forced[-1] if _forced else None) or os.environ.get("DLFAST_BACKEND") or None
+    """The backend that runs `op` on input `x` (its device, size and dtype decide the default).
+
+    Every dlfast op calls this once per call, so the default path touches as little as it can.
+    """
+    name = backend or (_forced[-1] if _forced else None) or _env_backend()
     if name is not None:
         reason = unavailable_reason(name)
         if reason is not None:
             raise BackendUnavailableError(f"dlfast backend {name!r} is unavailable: {reason}")
-        if not runs_on(name, device):
-            raise ValueError(f"dlfast backend {name!r} cannot run {op} on {device.type} tensors")
+        if not runs_on(name, x.device):
+            raise ValueError(f"dlfast backend {name!r} cannot run {op} on {x.device.type} tensors")
         return name
-    for max_numel, dtypes, candidates in DEFAULTS.get((op, device.type), ()):
+    key = (op, "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type)
+    rows = _RESOLVED.get(key)
+    if rows is None:
+        rows = _RESOLVED[key] = _resolved_defaults(op, x.device)
+    for max_numel, dtypes, default in rows:
         if (max_numel is None or x.numel() <= max_numel) and (dtypes is None or x.dtype in dtypes):
-            for candidate in candidates:
-                if unavailable_reason(candidate) is None and runs_on(candidate, device):
-                    return candidate
-            break
+            return default
     return "torch"

@@ -53,7 +53,8 @@ def _as_rows(tokens: Tensor, vocab_size: int, n: int, op: str) -> Tensor:
         raise TypeError(f"{op}: tokens must be a Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in TOKEN_DTYPES:
         raise TypeError(f"{op}: tokens must be uint8, int16, int32 or int64 token ids, got {tokens.dtype}")
-    if tokens.dim() not in (1, 2):
+    dim = tokens.dim()
+    if dim not in (1, 2):
         raise ValueError(
             f"{op}: tokens must be 1-D (one stream) or 2-D (rows), got shape {tuple(tokens.shape)}"
         )
@@ -61,7 +62,7 @@ def _as_rows(tokens: Tensor, vocab_size: int, n: int, op: str) -> Tensor:
         raise ValueError(f"{op}: vocab_size must be a positive int, got {vocab_size!r}")
     if n not in (1, 2, 3):
         raise ValueError(f"{op}: n must be 1, 2 or 3, got {n!r}")
-    return (tokens.reshape(1, -1) if tokens.dim() == 1 else tokens).contiguous()
+    return (tokens.unsqueeze(0) if dim == 1 else tokens).contiguous()
 
 
 def _raise_bad_token(tokens: Tensor, rows: Tensor, position: int, vocab_size: int, op: str) -> None:
@@ -126,7 +127,7 @@ def ngram_counts(
     if name in ("reference", "torch"):
         counts, bad = reference.ngram_counts(rows, vocab_size, n, ignore_index)
     else:
-        counts = torch.empty(bins, dtype=torch.long, device=rows.device)
+        counts = rows.new_empty(bins, dtype=torch.long)
         bad = int(_KERNELS[name](counts, rows, vocab_size, n, ignore_index))
     if bad >= 0:
         _raise_bad_token(tokens, rows, bad, vocab_size, op)

@@ -59,7 +59,12 @@ def autocast_inputs(device_type: str, *tensors):
     """The tensors as autocast, where it is on for device_type, hands them to an op of its
     lower-precision list (conv2d, SDPA): floating tensors other than float64 cast to the autocast
     dtype, anything else (None, integer masks, float64) as it is."""
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    # Asked on every op call: for CPU and CUDA (where autocast always exists) one C call answers,
+    # without the availability lookup that other device types need first.
+    if device_type in ("cpu", "cuda"):
+        if not torch.is_autocast_enabled(device_type):
+            return tensors
+    elif not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(
