@@ -293,20 +293,22 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, quick: bool)
     """TFLOP/s of a square matmul in `dtype` (measured once per run): the practical compute limit
     that rows of compute-bound ops (attention, convolution) are compared with.
 
-    On the CPU a product of the same size is also timed as a 1x1 convolution; the faster counts.
-    PyTorch hands a float32 CPU matmul to MKL, which on the AMD EPYC VMs ran at 0.2 TFLOP/s where
-    oneDNN (behind PyTorch's CPU convolutions) reached 0.45, about the two cores' FMA peak: with
-    MKL's figure as the limit, oneDNN's own convolutions showed twice "the limit"."""
+    On the CPU the same product is also timed through oneDNN's matmul (the linear op inductor's CPU
+    backend calls), and the faster counts. PyTorch hands a float32 CPU matmul to MKL, which on the
+    AMD EPYC VMs ran at 0.19-0.22 TFLOP/s where oneDNN's reached 0.47, about the two cores' FMA
+    peak: with MKL's figure as the limit, oneDNN's own convolutions showed twice "the limit"."""
     if dtype not in _MATMUL_TFLOPS:
         n = 8192 if device.type == "cuda" else 1024
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         fns = {"matmul": Timed(lambda: a @ b)}
         if device.type == "cpu":
-            # n pixels of n channels into n channels: an n x n by n x n product, n^3 FMAs.
-            pixels = a.reshape(1, n, 32, n // 32)
-            weight = b.reshape(n, n, 1, 1)
-            fns["1x1 conv"] = Timed(lambda: torch.nn.functional.conv2d(pixels, weight))
+            try:
+                onednn_linear = torch.ops.mkldnn._linear_pointwise.default
+                onednn_linear(a, b, None, "none", [], "")
+                fns["oneDNN matmul"] = Timed(lambda: onednn_linear(a, b, None, "none", [], ""))
+            except (AttributeError, RuntimeError):
+                pass  # a torch without oneDNN, or a dtype this CPU's oneDNN has no kernel for
         ms = min(time_calls(fns, device, quick).values())
         _MATMUL_TFLOPS[dtype] = 2 * n**3 / (ms * 1e9)
     return _MATMUL_TFLOPS[dtype]
