@@ -36,12 +36,12 @@ DefaultRow = tuple[int | None, tuple[torch.dtype, ...] | None, tuple[str, ...]]
 DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     # layer_norm on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/layer_norm.json
     ("layer_norm", "cpu"): (
-        # bf16/fp16, n <= 2^17: torch; modelled: cpu's lead at 2^22 would not pay the 10 us a call costs
-        (2**17, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, 2^17 < n: cpu 1.07-1.68x torch (geomean 1.29x) at 2^22 (6 cases; layer_norm.json); below
+        # bf16/fp16, n <= 2^16: torch; modelled: cpu's lead at 2^22 would not pay the 10 us a call costs
+        (2**16, (torch.bfloat16, torch.float16), ("torch",)),
+        # bf16/fp16, 2^16 < n: cpu 1.13-1.77x torch (geomean 1.34x) at 2^22 (6 cases; layer_norm.json); below
         # 2^22 modelled with its 10 us per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # other dtypes: torch. fp32, any size: torch; cpu 0.90-0.96x torch at 2^22 (6 cases; layer_norm.json)
+        # other dtypes: torch. fp32, any size: torch; cpu 0.93-1.14x torch at 2^22 (6 cases; layer_norm.json)
         (None, None, ("torch",)),
     ),
     # layer_norm on cuda, fwd+bwd against torch: benchmarks/results/h100/layer_norm.json
@@ -59,12 +59,12 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # attention on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/attention.json
     ("attention", "cpu"): (
-        # bf16/fp16, any size: cpu 2.48-5.86x torch (geomean 3.84x) at 2^16, 2^17, 2^20, 2^21, 2^22 (10 cases;
+        # bf16/fp16, any size: cpu 2.54-6.83x torch (geomean 3.95x) at 2^16, 2^17, 2^20, 2^21, 2^22 (10 cases;
         # attention.json); below 2^16 modelled with no extra cost per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
-        # fp32, n < 2^17: torch; cpu 1.01-1.05x torch at 2^16 (2 cases; attention.json)
+        # fp32, n < 2^17: torch; cpu 1.02-1.04x torch at 2^16 (2 cases; attention.json)
         (2**17 - 1, (torch.float32,), ("torch",)),
-        # fp32, 2^17 <= n: cpu 1.59-3.60x torch (geomean 2.35x) at 2^17, 2^20, 2^21, 2^22 (8 cases;
+        # fp32, 2^17 <= n: cpu 1.70-3.60x torch (geomean 2.41x) at 2^17, 2^20, 2^21, 2^22 (8 cases;
         # attention.json); above 2^22 as there
         (None, (torch.float32,), ("cpu", "torch")),
         # other dtypes: torch
@@ -79,16 +79,14 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # conv2d_relu on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/conv2d_relu.json
     ("conv2d_relu", "cpu"): (
-        # bf16/fp16, n <= 2^8: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
-        (2**8, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, 2^8 < n <= 786432: cpu 1.23-1.54x torch (geomean 1.38x) at 50176, 786432 (2 cases;
-        # conv2d_relu.json); below 50176 modelled with its 3 us per call
-        (786_432, (torch.bfloat16, torch.float16), ("cpu", "torch")),
+        # bf16/fp16, n <= 2^7: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
         # fp32, n <= 2^7: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
-        (2**7, (torch.float32,), ("torch",)),
-        # fp32, 2^7 < n <= 786432: cpu 1.68-2.00x torch (geomean 1.83x) at 50176, 786432 (2 cases;
+        (2**7, (torch.bfloat16, torch.float16, torch.float32), ("torch",)),
+        # bf16/fp16, 2^7 < n <= 786432: cpu 1.23-1.60x torch (geomean 1.40x) at 50176, 786432 (2 cases;
         # conv2d_relu.json); below 50176 modelled with its 3 us per call
-        (786_432, (torch.float32,), ("cpu", "torch")),
+        # fp32, 2^7 < n <= 786432: cpu 1.69-1.77x torch (geomean 1.73x) at 50176, 786432 (2 cases;
+        # conv2d_relu.json); below 50176 modelled with its 3 us per call
+        (786_432, (torch.bfloat16, torch.float16, torch.float32), ("cpu", "torch")),
         # other dtypes: torch
         (None, None, ("torch",)),
     ),
@@ -100,7 +98,7 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # ngram_counts on cpu, count against torch: benchmarks/results/cpu-epyc-2core-avx512/bigram_counts.json
     ("ngram_counts", "cpu"): (
-        # uint8/int16/int32/int64, any size: cpu 2.73-12.96x torch (geomean 6.80x) at 10^6, 10^7 (14 cases;
+        # uint8/int16/int32/int64, any size: cpu 3.07-12.84x torch (geomean 6.66x) at 10^6, 10^7 (14 cases;
         # bigram_counts.json); below 10^6 modelled with no extra cost per call; above 10^7 as there
         (None, (torch.uint8, torch.int16, torch.int32, torch.int64), ("cpu", "torch")),
         # other dtypes: torch
