@@ -36,10 +36,10 @@ DefaultRow = tuple[int | None, tuple[torch.dtype, ...] | None, tuple[str, ...]]
 DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     # layer_norm on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/layer_norm.json
     ("layer_norm", "cpu"): (
-        # bf16/fp16, n <= 2^16: torch; modelled: cpu's lead at 2^22 would not pay the 10 us a call costs
-        (2**16, (torch.bfloat16, torch.float16), ("torch",)),
-        # bf16/fp16, 2^16 < n: cpu 1.13-1.77x torch (geomean 1.34x) at 2^22 (6 cases; layer_norm.json); below
-        # 2^22 modelled with its 10 us per call; above 2^22 as there
+        # bf16/fp16, n <= 2^15: torch; modelled: cpu's lead at 2^22 would not pay the 4 us a call costs
+        (2**15, (torch.bfloat16, torch.float16), ("torch",)),
+        # bf16/fp16, 2^15 < n: cpu 1.13-1.77x torch (geomean 1.34x) at 2^22 (6 cases; layer_norm.json); below
+        # 2^22 modelled with its 4 us per call; above 2^22 as there
         (None, (torch.bfloat16, torch.float16), ("cpu", "torch")),
         # other dtypes: torch. fp32, any size: torch; cpu 0.93-1.14x torch at 2^22 (6 cases; layer_norm.json)
         (None, None, ("torch",)),
@@ -79,13 +79,13 @@ DEFAULTS: dict[tuple[str, str], tuple[DefaultRow, ...]] = {
     ),
     # conv2d_relu on cpu, fwd+bwd against torch: benchmarks/results/cpu-epyc-2core-avx512/conv2d_relu.json
     ("conv2d_relu", "cpu"): (
-        # bf16/fp16, n <= 2^7: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
-        # fp32, n <= 2^7: torch; modelled: cpu's lead at 50176 would not pay the 3 us a call costs
-        (2**7, (torch.bfloat16, torch.float16, torch.float32), ("torch",)),
-        # bf16/fp16, 2^7 < n <= 786432: cpu 1.23-1.60x torch (geomean 1.40x) at 50176, 786432 (2 cases;
-        # conv2d_relu.json); below 50176 modelled with its 3 us per call
-        # fp32, 2^7 < n <= 786432: cpu 1.69-1.77x torch (geomean 1.73x) at 50176, 786432 (2 cases;
-        # conv2d_relu.json); below 50176 modelled with its 3 us per call
+        # bf16/fp16, n <= 2^10: torch; modelled: cpu's lead at 50176 would not pay the 21 us a call costs
+        # fp32, n <= 2^10: torch; modelled: cpu's lead at 50176 would not pay the 21 us a call costs
+        (2**10, (torch.bfloat16, torch.float16, torch.float32), ("torch",)),
+        # bf16/fp16, 2^10 < n <= 786432: cpu 1.23-1.60x torch (geomean 1.40x) at 50176, 786432 (2 cases;
+        # conv2d_relu.json); below 50176 modelled with its 21 us per call
+        # fp32, 2^10 < n <= 786432: cpu 1.69-1.77x torch (geomean 1.73x) at 50176, 786432 (2 cases;
+        # conv2d_relu.json); below 50176 modelled with its 21 us per call
         (786_432, (torch.bfloat16, torch.float16, torch.float32), ("cpu", "torch")),
         # other dtypes: torch
         (None, None, ("torch",)),

@@ -9,12 +9,14 @@
 //   - float16 is computed in float32 and rounded once: oneDNN's float16 convolution needs
 //     AVX512-FP16 or AVX-NE-CONVERT, and without them ATen's float16 convolution is a scalar loop
 //     (169 ms against 5 ms in float32 for 64 x 32 x 28 x 28 -> 64);
-//   - float64, and any dtype in a torch built without oneDNN: ATen's convolution, then an in-place
-//     ReLU.
+//   - float64, float32 where ATen itself would not call oneDNN (a single small image; see
+//     aten_prefers_native_fp32), and any dtype in a torch built without oneDNN: ATen's
+//     convolution, then an in-place ReLU.
 // The backward, with 1-4 input channels per group (first layers, depthwise), is the direct kernel
 // of conv2d_relu_kernel.h, which forms the masked gradient dy * (y > 0) on the fly; otherwise it
 // masks dy in one pass (threshold_backward; float16 in float32, as the forward) and hands the
 // masked gradient to ATen's convolution_backward (oneDNN), which computes dx, dweight and dbias.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>
@@ -113,6 +115,21 @@ at::Tensor onednn_conv2d_relu(const at::Tensor& x, const at::Tensor& weight,
   return stack[0].toTensor();
 }
 
+// Whether ATen's own float32 convolution takes its native kernel rather than oneDNN here: the test
+// of use_mkldnn in aten/src/ATen/native/Convolution.cpp (PyTorch 2.x), which keeps a single small
+// image (up to 20480 input elements, groups 1, a kernel not larger than 3 in both dims) and
+// single-threaded unstrided 1x1 filters off oneDNN. There a oneDNN call costs more than the work:
+// on the 2-core VM 36 us against 3 us for 1 x 1 x 12 x 12 -> 4, 149 us against 52 us for
+// 1 x 1 x 140 x 140 -> 8. dlfast then takes ATen's route too, and applies the ReLU in place.
+bool aten_prefers_native_fp32(const ConvShape& s, at::IntArrayRef stride, at::IntArrayRef dilation,
+                              int64_t groups) {
+  const bool strided = stride[0] != 1 || stride[1] != 1;
+  const bool dilated = dilation[0] != 1 || dilation[1] != 1;
+  const bool one_by_one = s.R == 1 && s.S == 1;
+  if (!(strided || dilated || s.N >= 16 || !one_by_one || at::get_num_threads() > 1)) return true;
+  return !(groups > 1 || (s.R > 3 && s.S > 3) || s.N > 1 || s.N * s.C * s.H * s.W > 20480);
+}
+
 std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
 }
@@ -129,7 +146,9 @@ at::Tensor conv2d_relu_fwd(const at::Tensor& x, const at::Tensor& weight,
   }
   const auto format = conv_memory_format(x, weight);
   at::Tensor y;
-  if ((dtype == at::kFloat || dtype == at::kBFloat16) && s.N > 0) {
+  const bool onednn = dtype == at::kBFloat16 ||
+                      (dtype == at::kFloat && !aten_prefers_native_fp32(s, stride, dilation, groups));
+  if (onednn && s.N > 0) {
     y = onednn_conv2d_relu(x.contiguous(format), weight.contiguous(format), bias, stride, padding,
                            dilation, groups);
   }

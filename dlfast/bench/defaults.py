@@ -75,13 +75,15 @@ FAMILIES = (
 
 # What a dlfast call costs on the CPU beyond the PyTorch op it replaces, whatever the size (ms, in
 # the pass that matters): the Python wrapper (input checks, backend choice) and the custom op's
-# dispatch; the autograd node is C++ (csrc/autograd.cpp). Measured on the 2-core EPYC VM at inputs
-# of a few dozen elements against the torch backend, one thread, best of 15 x 300 calls, fwd+bwd:
-# layer_norm 10 us, attention 0 us (the C++ kernel beats SDPA's even there), conv2d_relu 3 us more.
-# (Before the autograd moved to C++ it was 26-29 us for each; with two threads on a busy VM the
-# kernels' thread wake-ups can add more.) Bigram counting is 26 us cheaper than the
-# torch.bincount composite (one call against four), so it is never floored.
-EXTRA_CALL_MS = {"layer_norm": 0.01, "attention": 0.0, "conv2d_relu": 0.003, "bigram_counts": 0.0}
+# dispatch; the autograd node is C++ (csrc/autograd.cpp). Measured on the 2-core EPYC VM against the
+# torch backend at inputs of a few dozen elements, one thread, best of 7-15 x 100-300 calls,
+# fwd+bwd: layer_norm 4 us (10 us before the wrapper was trimmed and the op took (..., N) inputs);
+# attention none (the C++ kernel beats SDPA's even there); conv2d_relu 21 us at 8 x 8 x 6 x 6 -> 4,
+# where both go through oneDNN and dlfast's backward masks dy in a pass of its own (1-7 us for a
+# single image, which both send to ATen's native kernel; with 1-4 input channels dlfast's direct
+# backward is faster outright). Bigram counting is cheaper than the torch.bincount composite (one
+# call against four), so it is never floored.
+EXTRA_CALL_MS = {"layer_norm": 0.004, "attention": 0.0, "conv2d_relu": 0.021, "bigram_counts": 0.0}
 
 
 def deciding_pass(passes: set[str]) -> str:
