@@ -114,19 +114,23 @@ _KERNELS = register_kernels(
 
 
 def _check(q, k, v, causal, key_padding_mask, dropout_p, scale) -> None:
+    # Runs on every call: each tensor property is read once (see backends.choose on why it matters).
+    device = None
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be 4-D (B, heads, L, D), got shape {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"attention: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(
-                f"attention: {name} is {t.dtype} but q is {q.dtype}; q, k and v must share a dtype"
-            )
+        dtype = t.dtype
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} must be float32, float64, float16 or bfloat16, got {dtype}")
+        if device is None:
+            device, q_dtype = t.device, dtype
+            continue
+        if t.device != device:
+            raise ValueError(f"attention: {name} is on {t.device} but q is on {device}")
+        if dtype != q_dtype:
+            raise TypeError(f"attention: {name} is {dtype} but q is {q_dtype}; q, k and v must share a dtype")
     B, H, _Lq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(
@@ -156,9 +160,9 @@ def _check(q, k, v, causal, key_padding_mask, dropout_p, scale) -> None:
                 f"attention: key_padding_mask must have shape (B, Lk) = {[B, Lk]}, "
                 f"got {list(key_padding_mask.shape)}"
             )
-        if key_padding_mask.device != q.device:
+        if key_padding_mask.device != device:
             raise ValueError(
-                f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}"
+                f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {device}"
             )
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -209,7 +213,7 @@ def attention(
     if isinstance(q, Tensor):
         # SDPA runs in the autocast dtype (it is on autocast's lower-precision list); so do we.
         # Before the checks, so that they see the dtypes the kernels will.
-        q, k, v = autocast_inputs(q.device.type, q, k, v)
+        q, k, v = autocast_inputs(q, q, k, v)
     _check(q, k, v, causal, key_padding_mask, dropout_p, scale)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]

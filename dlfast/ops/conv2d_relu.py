@@ -225,7 +225,7 @@ def conv2d_relu(
     # conv2d is on autocast's lower-precision list: it runs in the autocast dtype, whatever dtypes
     # its inputs have (bf16 activations meet fp32 weights in any autocast network). Before the
     # checks, so that they see the dtypes the kernels will.
-    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
+    x, weight, bias = autocast_inputs(x, x, weight, bias)
     _check(x, weight, bias, groups)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1:

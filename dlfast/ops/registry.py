@@ -55,12 +55,13 @@ def register_kernels(
     return kernels
 
 
-def autocast_inputs(device_type: str, *tensors):
-    """The tensors as autocast, where it is on for device_type, hands them to an op of its
+def autocast_inputs(lead: torch.Tensor, *tensors):
+    """The tensors as autocast, where it is on for lead's device type, hands them to an op of its
     lower-precision list (conv2d, SDPA): floating tensors other than float64 cast to the autocast
     dtype, anything else (None, integer masks, float64) as it is."""
-    # Asked on every op call: for CPU and CUDA (where autocast always exists) one C call answers,
-    # without the availability lookup that other device types need first.
+    # Asked on every op call: for CPU and CUDA tensors (where autocast always exists) one C call
+    # answers, with no torch.device built and no availability lookup.
+    device_type = "cpu" if lead.is_cpu else "cuda" if lead.is_cuda else lead.device.type
     if device_type in ("cpu", "cuda"):
         if not torch.is_autocast_enabled(device_type):
             return tensors
