@@ -93,24 +93,24 @@ void bins_of_t(const NgramBinsArgs& a) {
 
 }  // namespace ngram
 
-void tokens_in_vocab(const TokensInVocabArgs& a) {
-  switch (a.dtype) {
-    case c10::ScalarType::Byte: ngram::check_block<uint8_t>(a); break;
-    case c10::ScalarType::Short: ngram::check_block<int16_t>(a); break;
-    case c10::ScalarType::Int: ngram::check_block<int32_t>(a); break;
-    case c10::ScalarType::Long: ngram::check_block<int64_t>(a); break;
-    default: TORCH_CHECK(false, "dlfast::ngram_counts: tokens of ", a.dtype, " are not integer ids");
+// Calls f with a value of the C++ type of integer token ids of `dtype`.
+template <typename F>
+void with_token_type(c10::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case c10::ScalarType::Byte: return f(uint8_t{});
+    case c10::ScalarType::Short: return f(int16_t{});
+    case c10::ScalarType::Int: return f(int32_t{});
+    case c10::ScalarType::Long: return f(int64_t{});
+    default: TORCH_CHECK(false, "dlfast::ngram_counts: tokens of ", dtype, " are not integer ids");
   }
 }
 
+void tokens_in_vocab(const TokensInVocabArgs& a) {
+  with_token_type(a.dtype, [&](auto t) { ngram::check_block<decltype(t)>(a); });
+}
+
 void ngram_bins(const NgramBinsArgs& a) {
-  switch (a.dtype) {
-    case c10::ScalarType::Byte: ngram::bins_of_t<uint8_t>(a); break;
-    case c10::ScalarType::Short: ngram::bins_of_t<int16_t>(a); break;
-    case c10::ScalarType::Int: ngram::bins_of_t<int32_t>(a); break;
-    case c10::ScalarType::Long: ngram::bins_of_t<int64_t>(a); break;
-    default: TORCH_CHECK(false, "dlfast::ngram_counts: tokens of ", a.dtype, " are not integer ids");
-  }
+  with_token_type(a.dtype, [&](auto t) { ngram::bins_of_t<decltype(t)>(a); });
 }
 
 }  // namespace CPU_CAPABILITY
