@@ -69,7 +69,7 @@ cuda-bindings-check: $(VENV)/.deps
 		-I$(CUDA_INCLUDE) -Icsrc csrc/cuda_ops.cpp; \
 	echo "cuda-bindings-check: csrc/cuda_ops.cpp type-checks against torch $$($(PY) -c 'import torch; print(torch.__version__)')"
 
-# The CUDA kernels (attention, conv2d_relu, ngram_counts) run on the CPU in a block emulator
+# The CUDA kernels (attention, conv2d_relu, layer_norm, ngram_counts) run on the CPU in a block emulator
 # (tests/cuda_emulator/): each thread a fiber, warp collectives and the PTX wrappers (ldmatrix,
 # mma, cp.async) in C++, every shared and global access bounds-checked, against a float64
 # reference. Twice: cp.async copies landing at the last moment (shows a missing wait) and at
@@ -78,7 +78,7 @@ cuda-bindings-check: $(VENV)/.deps
 CUDA_INCLUDE ?= $(patsubst %/cuda_fp16.h,%,$(firstword $(wildcard $(CUDA_HOME)/include/cuda_fp16.h \
 	/usr/local/cuda/include/cuda_fp16.h $(dir $(shell command -v $(NVCC) 2>/dev/null))../include/cuda_fp16.h)))
 EMU_BUILD := build/cuda-emulate
-EMU_KERNELS := attention conv2d_relu ngram_counts
+EMU_KERNELS := attention conv2d_relu layer_norm ngram_counts
 cuda-emulate:
 	@if test -z "$(CUDA_INCLUDE)"; then echo "cuda-emulate: CUDA headers not found, skipped"; exit 0; fi; \
 	set -e -o pipefail; mkdir -p $(EMU_BUILD); \

@@ -28,6 +28,7 @@
 #include <utility>
 
 #include "launchers.h"
+#include "ptx.h"
 
 namespace dlfast {
 namespace cuda {
@@ -43,16 +44,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-// bf16 -> fp32 is a 16-bit shift. Written as opaque PTX so the compiler converts where a value is
-// used instead of keeping an fp32 copy of every packed element alive across both passes (with
-// __bfloat162float the forward kernels needed 96 registers where fp16 needed 64).
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
-  float f;
-  asm("{ .reg .b16 z; mov.b16 z, 0; mov.b32 %0, {z, %1}; }"
-      : "=f"(f)
-      : "h"(__bfloat16_as_ushort(v)));
-  return f;
-}
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return bf16_to_float(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
@@ -397,8 +389,8 @@ __global__ void __launch_bounds__(TPR * RPB, (TPR * RPB <= 512 ? 2 : 1))
   constexpr int kAccW = AccLayout<VEC>::kAccW;
   constexpr int kChunks = AccLayout<VEC>::kChunks;
   constexpr int kQuantityStride = RPB * VPT * kChunks * TPR * kAccW;  // floats per quantity
-  extern __shared__ float4 bwd_smem[];  // float4: 16-byte alignment for the chunk accesses
-  float* acc = reinterpret_cast<float*>(bwd_smem);
+  extern __shared__ __align__(16) unsigned char smem[];  // 16-byte aligned for the chunk accesses
+  float* acc = reinterpret_cast<float*>(smem);
   __shared__ float2 red[2][RPB][TPR / 32];
   const int group = threadIdx.x / TPR;
   const int tid = threadIdx.x % TPR;

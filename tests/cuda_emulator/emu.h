@@ -191,6 +191,21 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lanemask) {
   emu::warp_wait();
   return r;
 }
+// Lane i gets lane i + delta's value, its own where i + delta is past the warp.
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, int>, "float or int shuffles only");
+  if (mask != 0xffffffffu) EMU_FAIL("partial shfl mask");
+  auto& w = emu::wx();
+  const int lane = emu::cur().lane;
+  T* values;
+  if constexpr (std::is_same_v<T, float>) values = w.f; else values = w.i;
+  values[lane] = v;
+  emu::warp_wait();
+  const T r = lane + delta < 32 ? values[lane + delta] : v;
+  emu::warp_wait();
+  return r;
+}
 inline int emu_warp_count(int pred) {
   emu::wx().i[emu::cur().lane] = pred != 0;
   emu::warp_wait();
@@ -201,6 +216,7 @@ inline int emu_warp_count(int pred) {
 }
 inline int __any_sync(unsigned, int pred) { return emu_warp_count(pred) > 0; }
 inline int __all_sync(unsigned, int pred) { return emu_warp_count(pred) == 32; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 template <class T>

@@ -12,6 +12,29 @@ extern "C" cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute att
   }
   return cudaSuccess;
 }
+// Emulated devices, picked by g_device: 0 has an H100's shared memory and 8 SMs, 1 no shared
+// memory to opt in to (kernels that need it take their fallback), 2 only 2 SMs (few blocks:
+// persistent and grid-stride loops turn).
+inline int g_device = 0;
+extern "C" cudaError_t cudaGetDevice(int* device) {
+  *device = g_device;
+  return cudaSuccess;
+}
+extern "C" cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr == cudaDevAttrMultiProcessorCount) *value = device == 2 ? 2 : 8;
+  else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = device == 1 ? 0 : int(emu::kSmemBytes);
+  else return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t smem) {
+  *n = smem > emu::kSmemBytes / 2 ? 1 : 2;
+  return cudaSuccess;
+}
+extern "C" cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  emu::check_global(p, bytes, 1);
+  memset(p, value, bytes);
+  return cudaSuccess;
+}
 extern "C" cudaError_t cudaGetLastError() { cudaError_t e = emu::g_last_error; emu::g_last_error = cudaSuccess; return e; }
 extern "C" const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "ok" : "error"; }
 

@@ -22,28 +22,6 @@
 
 using dlfast::cuda::TokenDType;
 
-// Emulated devices: 0 has an H100's shared memory, 1 none to opt in to (every table takes the
-// global-atomic kernel), 2 has only 2 SMs.
-int g_device = 0;
-extern "C" cudaError_t cudaGetDevice(int* device) {
-  *device = g_device;
-  return cudaSuccess;
-}
-extern "C" cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (attr == cudaDevAttrMultiProcessorCount) *value = device == 2 ? 2 : 8;
-  else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = device == 1 ? 0 : int(emu::kSmemBytes);
-  else return cudaErrorInvalidValue;
-  return cudaSuccess;
-}
-extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t smem) {
-  *n = smem > emu::kSmemBytes / 2 ? 1 : 2;
-  return cudaSuccess;
-}
-extern "C" cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
-  memset(p, value, bytes);
-  return cudaSuccess;
-}
-
 struct Case {
   std::string name;
   TokenDType dtype = TokenDType::Int32;
