@@ -134,3 +134,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def second_order_grads(fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients for `inputs` of a loss made of fn's first-order gradients, taken with
+    create_graph=True (the sum of their squares, a gradient penalty's shape, plus a term in the
+    output so every input enters): wrong wherever a backward's own gradient is missing."""
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    out = fn(*inputs)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    first = torch.autograd.grad((out * weights).sum() + out.square().sum(), inputs, create_graph=True)
+    penalty = sum(g.float().square().sum() for g in first)
+    return torch.autograd.grad(penalty, inputs)

@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_ISA_LEVELS, TOLERANCES, dtypes_for, run_on_cpu_isa, skip_reason, tol
+from conftest import (
+    CPU_ISA_LEVELS,
+    TOLERANCES,
+    dtypes_for,
+    run_on_cpu_isa,
+    second_order_grads,
+    skip_reason,
+    tol,
+)
 
 import dlfast
 from dlfast import reference
@@ -285,7 +293,8 @@ def test_opcheck(attention_backend):
     args = (q, k, v, kwargs["key_padding_mask"], True, 4, 0.25, 0.2, seed)
     torch.library.opcheck(fwd, args)
     out, lse = fwd(*args)
-    # The backward op is not itself differentiable (no double backward), so no grad inputs.
+    # The backward op has no derivative of its own (double backward recomputes through PyTorch
+    # ops: registry.grads_through), so no grad inputs.
     q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))
     torch.library.opcheck(bwd, (dout, q, k, v, out, lse, *args[3:], True))
 
@@ -295,6 +304,63 @@ def test_gradcheck_float64_cpu():
     q, k, v, _dout, kwargs = make_inputs((1, 2, 1, 5, 7, 8, "bottom_right", "pad"), torch.float64, "cpu")
     inputs = tuple(t.requires_grad_(True) for t in (q, k, v))
     assert torch.autograd.gradcheck(lambda *t: dlfast.attention(*t, backend="cpu", **kwargs), inputs)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+def test_gradgradcheck_float64_cpu():
+    """Double backward (create_graph=True) of the C++ op: GQA, decode alignment with rows that
+    see no key, padding."""
+    q, k, v, _dout, kwargs = make_inputs((1, 2, 1, 6, 4, 8, "bottom_right", "pad"), torch.float64, "cpu")
+    inputs = tuple(t.requires_grad_(True) for t in (q, k, v))
+    assert torch.autograd.gradgradcheck(lambda *t: dlfast.attention(*t, backend="cpu", **kwargs), inputs)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 2, 1, 9, 5, 16, "bottom_right", "pad_all"),  # GQA, rows that see no key, a batch all padding
+        (1, 2, 2, 7, 11, 8, True, "pad"),  # cross attention, top-left causal
+        (1, 1, 1, 5, 5, 8, False, None),  # no mask at all
+    ],
+    ids=case_id,
+)
+def test_second_order_gradients_match_torch(attention_backend, case):
+    """Under create_graph=True (gradient penalties, Hessian-vector products) the first-order
+    gradients are themselves differentiable and their gradients are PyTorch's; no NaN from the
+    rows that attend nothing."""
+    backend, device = attention_backend
+    if backend == "torch":
+        pytest.skip("SDPA's own double backward is PyTorch's")
+    dtype = base_dtype(backend)
+    q, k, v, _dout, kwargs = make_inputs(case, dtype, device)
+    got = second_order_grads(lambda *t: dlfast.attention(*t, backend=backend, **kwargs), q, k, v)
+    want = second_order_grads(lambda *t: same_dtype_torch(*t, **kwargs), *(t.double() for t in (q, k, v)))
+    for g, r in zip(got, want, strict=True):
+        # Relative to the largest entry: the fp16 gradients are rounded once, then squared and summed.
+        atol = (1e-5 if dtype == torch.float32 else 1e-2) * r.abs().max().item()
+        torch.testing.assert_close(g, r.to(dtype), atol=atol, rtol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+def test_second_order_gradients_with_dropout(attention_backend):
+    """With dropout the Triton backend's double backward redraws the kernels' mask through the
+    reference; the C++ backends cannot redraw it and refuse with a clear error."""
+    backend, device = attention_backend
+    if backend in ("torch", "reference"):
+        pytest.skip("not a dlfast kernel")
+    q, k, v, _dout, kwargs = make_inputs((1, 2, 2, 9, 9, 16, True, None), base_dtype(backend), device)
+
+    def f(backend):
+        gen = torch.Generator(device).manual_seed(7)
+        return lambda *t: dlfast.attention(*t, dropout_p=0.3, generator=gen, backend=backend, **kwargs)
+
+    if backend in ("cpu", "cuda"):
+        with pytest.raises(RuntimeError, match="dropout_p > 0 is not supported"):
+            second_order_grads(f(backend), q, k, v)
+        return
+    got = second_order_grads(f(backend), q, k, v)
+    want = second_order_grads(f("reference"), q, k, v)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-4 * r.abs().max().item(), rtol=1e-4)
 
 
 def test_torch_compile_fullgraph(attention_backend):

@@ -11,6 +11,7 @@ from conftest import (
     dtypes_for,
     grad_tol,
     run_on_cpu_isa,
+    second_order_grads,
     skip_reason,
     tol,
 )
@@ -216,7 +217,8 @@ def test_opcheck(backend_device, layout):
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
 @pytest.mark.parametrize("groups", [1, 2])
-def test_gradcheck_float64_cpu(groups):
+def test_gradcheck_and_gradgradcheck_float64_cpu(groups):
+    """First and second (create_graph=True) derivatives of the C++ op."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -229,6 +231,29 @@ def test_gradcheck_float64_cpu(groups):
         return dlfast.conv2d_relu(x, w, b, padding=1, groups=groups, backend="cpu")
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["course-first-layer", "groups2", "stride2-odd"])
+def test_second_order_gradients_match_torch(backend_device, case):
+    """Under create_graph=True (gradient penalties, Hessian-vector products) the first-order
+    gradients are themselves differentiable and their gradients are PyTorch's."""
+    backend, device = backend_device
+    *_shape, stride, padding, dilation, groups = CASES[case]
+    x, w, b = make_inputs(CASES[case], torch.float32, device)
+    with torch.no_grad():  # no pre-activation within float32 rounding of the ReLU's kink
+        assert F.conv2d(x, w, b, stride, padding, dilation, groups).abs().min() > 1e-4
+
+    def f(x, w, b):
+        return dlfast.conv2d_relu(x, w, b, stride, padding, dilation, groups, backend=backend)
+
+    def torch_f(x, w, b):
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    got = second_order_grads(f, x, w, b)
+    want = second_order_grads(torch_f, *(t.double() for t in (x, w, b)))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r.float(), atol=1e-4 * r.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")

@@ -13,6 +13,7 @@ from conftest import (
     dtypes_for,
     grad_tol,
     run_on_cpu_isa,
+    second_order_grads,
     skip_reason,
     tol,
 )
@@ -144,6 +145,43 @@ def test_gradcheck_float64_cpu():
     x, w, b = make_inputs((3, 11), (11,), torch.float64, "cpu")
     inputs = tuple(t.requires_grad_(True) for t in (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w, b: dlfast.layer_norm(x, 11, w, b, backend="cpu"), inputs)
+
+
+@pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize(
+    "shape,normalized_shape", [((3, 11), (11,)), ((11,), (11,)), ((2, 3, 4), (3, 4))], ids=str
+)
+def test_gradgradcheck_float64_cpu(shape, normalized_shape, affine):
+    """Double backward (create_graph=True) of the C++ op, weight and bias absent or present."""
+    inputs = [
+        t.requires_grad_(True)
+        for t in make_inputs(shape, normalized_shape, torch.float64, "cpu", affine)
+        if t is not None
+    ]
+
+    def f(x, weight=None, bias=None):
+        return dlfast.layer_norm(x, normalized_shape, weight, bias, backend="cpu")
+
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize(
+    "shape,normalized_shape", [((5, 40), (40,)), ((40,), (40,)), ((2, 3, 8, 5), (8, 5))], ids=str
+)
+def test_second_order_gradients_match_torch(backend_device, shape, normalized_shape):
+    """Under create_graph=True (gradient penalties, Hessian-vector products) the first-order
+    gradients are themselves differentiable and their gradients are PyTorch's."""
+    backend, device = backend_device
+    x, w, b = make_inputs(shape, normalized_shape, torch.float32, device)
+    got = second_order_grads(
+        lambda *t: dlfast.layer_norm(t[0], normalized_shape, *t[1:], backend=backend), x, w, b
+    )
+    want = second_order_grads(
+        lambda *t: F.layer_norm(t[0], normalized_shape, *t[1:]), *(t.double() for t in (x, w, b))
+    )
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r.float(), atol=1e-4, rtol=1e-4)
 
 
 def _kernel_ops(backend):

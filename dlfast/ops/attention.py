@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlfast import backends, reference
-from dlfast.ops.registry import autocast_inputs, register_kernels
+from dlfast.ops.registry import autocast_inputs, grads_through, register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CAUSAL_MODES = (False, True, "top_left", "bottom_right")
@@ -99,6 +99,20 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(bwd, ctx, dout, _dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: see grads_through
+        # The reference redraws the kernels' dropout mask from the same seed.
+        out = reference.attention(
+            q,
+            k,
+            v,
+            mask,
+            ctx.causal,
+            ctx.causal_shift,
+            ctx.scale,
+            ctx.dropout_p,
+            None if seed is None else int(seed),
+        )
+        return (*grads_through(out, dout, (q, k, v), ctx.needs_input_grad[:3]), *[None] * 6)
     # Every dlfast backward reduces in a fixed order (no atomics), so its gradients are bitwise
     # repeatable whatever this flag says; it is passed for kernels that may add a faster,
     # atomic path.

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlfast import backends, reference
-from dlfast.ops.registry import autocast_inputs, register_kernels
+from dlfast.ops.registry import autocast_inputs, grads_through, register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -118,6 +118,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(bwd, ctx, dy):
     x, weight, y = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():  # create_graph=True: see grads_through
+        # The ReLU's mask (y > 0) is constant almost everywhere: dy masked by it, taken through
+        # the convolution alone (whose bias adds the sum of the masked dy).
+        dy = dy * (y > 0)
+        stride, padding, dilation, groups = ctx.geometry
+        conv = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        dx, dweight = grads_through(conv, dy, (x, weight), mask[:2])
+        return dx, dweight, (dy.sum((0, 2, 3)) if mask[2] else None), None, None, None, None
     dx, dweight, dbias = bwd(dy, y, x, weight, *ctx.geometry, mask)
     grads = [g if wanted else None for g, wanted in zip((dx, dweight, dbias), mask, strict=True)]
     return (*grads, None, None, None, None)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlfast import backends, reference
-from dlfast.ops.registry import register_kernels
+from dlfast.ops.registry import grads_through, register_kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -75,7 +75,7 @@ def _layer_norm_bwd_triton(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
+    x, weight, _bias, ctx.eps = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
 
@@ -83,6 +83,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(bwd, ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     weight_grad, bias_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():  # create_graph=True: see grads_through
+        # The bias shifts y and so never enters dx or dweight; its gradient is the sum of dy.
+        y = reference.layer_norm(x, (x.shape[-1],), weight, None, ctx.eps)
+        dx, dweight = grads_through(y, dy, (x, weight), (ctx.needs_input_grad[0], weight_grad))
+        dbias = dy.reshape(-1, x.shape[-1]).sum(0) if bias_grad else None
+        return dx, dweight, dbias, None
     dx, dweight, dbias = bwd(dy.contiguous(), x, weight, mean, rstd, weight_grad, bias_grad)
     return dx, (dweight if weight_grad else None), (dbias if bias_grad else None), None
 

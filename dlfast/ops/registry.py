@@ -12,7 +12,7 @@ on the host, more than a small LayerNorm or attention takes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -53,6 +53,28 @@ def register_kernels(
     if "cpu" in kernels:
         kernels["cuda"] = kernels["cpu"]  # one C++ op, with CPU and CUDA kernels
     return kernels
+
+
+def grads_through(
+    out: torch.Tensor, grad_out: torch.Tensor, inputs: Sequence[torch.Tensor | None], wanted: Sequence[bool]
+) -> list[torch.Tensor | None]:
+    """The gradients of `out` (recomputed by differentiable PyTorch ops from the saved inputs)
+    for grad_out, with a graph of their own; None where not wanted, zeros where out does not
+    depend on the input.
+
+    For a backward run under create_graph=True (the only time a backward runs with grad mode
+    on): the kernels' bwd ops have no derivative, so their gradients would be constants and any
+    second-order gradient through them wrong. csrc/autograd.cpp does the same for the C++ pair.
+    """
+    targets = [t for t, w in zip(inputs, wanted, strict=True) if w]
+    grads = iter(
+        torch.autograd.grad(out, targets, grad_out, create_graph=True, allow_unused=True) if targets else ()
+    )
+    result = []
+    for t, w in zip(inputs, wanted, strict=True):
+        g = next(grads) if w else None
+        result.append(torch.zeros_like(t) if w and g is None else g)
+    return result
 
 
 def autocast_inputs(lead: torch.Tensor, *tensors):
