@@ -166,6 +166,22 @@ def test_convert_a_transformer_with_attention_keeps_outputs_and_gradients():
         )
 
 
+def test_converted_decoder_with_a_causal_mask_compiles_fullgraph():
+    """Recognising a causal attn_mask by its values is a data-dependent branch; under
+    torch.compile the layer takes torch's path for it instead of breaking the graph."""
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    ours = dlfast.nn.convert(copy.deepcopy(theirs))
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5)
+    torch._dynamo.reset()
+    with dlfast.use_backend(_kernel_backend()):
+        compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(
+            compiled(x, memory, tgt_mask=causal), theirs(x, memory, tgt_mask=causal), **tol(torch.float32)
+        )
+
+
 def test_causal_self_attention_matches_sdpa():
     torch.manual_seed(0)
     layer = dlfast.nn.CausalSelfAttention(d_model=32, n_heads=4)

@@ -18,7 +18,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     batch_first layout, a bool key_padding_mask (True = padding, as in torch), and an attn_mask
     that is None or causal: recognised from the is_causal hint (as torch trusts it) or by
     comparing a square (L, L) mask with the causal one (bool True above the diagonal, or float
-    -inf above and 0 elsewhere, as nn.Transformer.generate_square_subsequent_mask makes it).
+    -inf above and 0 elsewhere, as nn.Transformer.generate_square_subsequent_mask makes it;
+    under torch.compile only the hint is used, since comparing values would break the graph).
     need_weights=True needs the attention weights themselves, which a fused kernel never stores,
     so it runs torch's own (slower, L x L) computation, as do add_bias_kv, add_zero_attn,
     unbatched inputs, float key_padding_masks and any other attn_mask. Query rows whose keys are
@@ -84,7 +85,9 @@ def _causal_from_mask(attn_mask: Tensor | None, is_causal: bool, query_len: int)
     if is_causal:
         return True
     L = query_len
-    if attn_mask.shape != (L, L):
+    if attn_mask.shape != (L, L) or torch.compiler.is_compiling():
+        # Comparing the mask's values is a data-dependent branch that a compiled graph cannot
+        # hold; there an unhinted mask takes torch's path, as it would with any other mask.
         return None
     above_diagonal = torch.ones(L, L, dtype=torch.bool, device=attn_mask.device).triu(1)
     if attn_mask.dtype == torch.bool:
