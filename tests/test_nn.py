@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -303,16 +304,7 @@ def test_convert_fuses_conv_relu_and_keeps_outputs_and_gradients(make, channels,
     converted = dlfast.nn.convert(model)
     assert sum(isinstance(m, dlfast.nn.Conv2dReLU) for m in converted.modules()) == fused
     assert converted.state_dict().keys() == original.state_dict().keys()
-    x = torch.randn(2, channels, 8, 8)
-    with dlfast.use_backend("cpu"):
-        got = converted(x)
-        got.square().sum().backward()
-    want = original(x)
-    want.square().sum().backward()
-    torch.testing.assert_close(got, want, **tol(torch.float32))
-    grads = dict(original.named_parameters())
-    for name, param in converted.named_parameters():
-        torch.testing.assert_close(param.grad, grads[name].grad, **tol(torch.float32))
+    _same_model_outputs(converted, original, torch.randn(2, channels, 8, 8))
 
 
 def test_convert_leaves_a_conv_whose_output_is_used_twice():
@@ -341,9 +333,111 @@ def test_convert_warns_on_an_untraceable_model():
             return self.conv(x)
 
     model = DataDependent()
-    with pytest.warns(UserWarning, match="cannot be traced"):
+    with pytest.warns(UserWarning, match="cannot trace"):
         assert dlfast.nn.convert(model) is model
     assert type(model.conv) is torch.nn.Conv2d
+
+
+class _Holder(torch.nn.Module):
+    """Forward code with a Conv2d -> F.relu pair, plus what a trace does not see: a buffer and a
+    submodule the forward never uses, a method, a plain attribute, a branch on self.training."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.aux = torch.nn.Linear(4, 2)
+        self.register_buffer("stat", torch.ones(4))
+        self.scale = 3.0
+
+    def forward(self, x, unused=None):
+        y = torch.nn.functional.relu(self.conv(x), inplace=True) * self.stat.view(1, 4, 1, 1)
+        if self.training:
+            y = y * self.scale
+        return torch.nn.functional.dropout(y, 0.0, training=self.training)
+
+    def features(self, x):
+        return self.aux(self(x).mean((2, 3)))
+
+
+def _same_model_outputs(ours, theirs, x):
+    with dlfast.use_backend(_kernel_backend()):
+        _same_outputs_and_gradients(ours, theirs, x)
+    ours.zero_grad()
+    theirs.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_traced_convert_keeps_the_model_and_what_it_holds(mode):
+    torch.manual_seed(0)
+    model = _Holder().train(mode == "train")
+    original = copy.deepcopy(model)
+    assert dlfast.nn.convert(model) is model
+    assert isinstance(model, _Holder) and type(model.conv) is dlfast.nn.Conv2dReLU
+    assert model.state_dict().keys() == original.state_dict().keys()
+    assert model.scale == 3.0
+    for m in (model, original):
+        m.stat.fill_(2.0)  # the traced code reads the buffer when it runs
+    x = torch.randn(2, 3, 6, 6)
+    for training in (True, False, True):  # the traced code follows the mode it is run in
+        model.train(training)
+        original.train(training)
+        _same_model_outputs(model, original, x)
+    torch.testing.assert_close(model.features(x), original.features(x), **tol(torch.float32))
+
+
+def test_traced_convert_survives_pickle_deepcopy_and_revert():
+    torch.manual_seed(0)
+    model, original = _Holder(), _Holder()
+    original.load_state_dict(model.state_dict())
+    dlfast.nn.convert(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copied in (loaded, copy.deepcopy(model)):
+        assert isinstance(copied, _Holder) and type(copied.conv) is dlfast.nn.Conv2dReLU
+        assert type(model.conv) is dlfast.nn.Conv2dReLU  # the source is left as it was
+        _same_model_outputs(copied, original, torch.randn(1, 3, 5, 5))
+    dlfast.nn.revert(model)
+    assert type(model) is _Holder and type(model.conv) is torch.nn.Conv2d
+    _same_model_outputs(model, original, torch.randn(1, 3, 5, 5))
+
+
+def test_traced_convert_keeps_a_forward_that_tests_an_argument_for_none():
+    """A trace sees every argument as a tensor, so a branch on `mask is None` would be fixed."""
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x, mask=None):
+            y = torch.relu(self.conv(x))
+            return y if mask is None else y * mask
+
+    model = Masked()
+    with pytest.warns(UserWarning, match=r"computes differently when \['mask'\] are None"):
+        dlfast.nn.convert(model)
+    assert type(model) is Masked and type(model.conv) is torch.nn.Conv2d
+    x = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(model(x), torch.relu(model.conv(x)))
+
+
+def test_convert_leaves_relu_subclasses_and_layers_with_hooks():
+    class LeakyReLUInDisguise(torch.nn.ReLU):
+        def forward(self, x):
+            return torch.nn.functional.leaky_relu(x, 0.1)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), LeakyReLUInDisguise())
+    dlfast.nn.convert(model)
+    assert type(model[0]) is torch.nn.Conv2d
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.min().item()))
+    dlfast.nn.convert(model)
+    assert type(model[0]) is torch.nn.Conv2d
+    model(torch.randn(1, 3, 6, 6))
+    assert seen[0] < 0  # the hook still sees the conv's output, before the ReLU
 
 
 def test_revert_gives_plain_pytorch_with_the_same_outputs():
