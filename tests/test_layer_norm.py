@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,11 +237,20 @@ def test_torch_compile_fullgraph(backend_device):
         ((torch.ones(2, 4), (4,), torch.ones(4, dtype=torch.int32)), TypeError, "weight must be a floating"),
         (([1.0, 2.0], (2,)), TypeError, "x must be a Tensor"),
         ((torch.ones(2, 4), (-4,)), ValueError, "non-negative"),
+        ((torch.ones(2, 4), (4.0,)), TypeError, "normalized_shape must be a sequence of ints"),
+        ((torch.ones(2, 4), 4.0), TypeError, "normalized_shape must be a sequence of ints"),
+        ((torch.ones(2, 4), (4,), [1.0] * 4), TypeError, "weight must be a Tensor or None"),
     ],
 )
 def test_bad_input_names_the_argument(args, error, match):
     with pytest.raises(error, match=match):
         dlfast.layer_norm(*args)
+
+
+def test_integer_like_normalized_shape_like_torch():
+    x = torch.randn(3, 2, 5)
+    for shape in ((np.int64(5),), [np.int32(2), 5], torch.Size([5])):
+        torch.testing.assert_close(dlfast.layer_norm(x, shape), F.layer_norm(x, shape))
 
 
 def test_layer_norm_matches_torch_nn_functional_signature():

@@ -15,6 +15,7 @@ traces any backend without a graph break.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -105,7 +106,10 @@ _KERNELS = register_kernels(
 )
 
 
-def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None) -> None:
+def _check(
+    x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
+) -> tuple[int, ...]:
+    """Raises PyTorch's errors, naming the argument; returns normalized_shape as ints."""
     # Runs on every call, so it is written for the interpreter's sake: no generators, each tensor
     # property read once (with cold caches each costs microseconds; see backends.choose).
     if not isinstance(x, Tensor):
@@ -113,7 +117,11 @@ def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, 
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"layer_norm: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     for n in normalized_shape:
-        if not isinstance(n, (int, torch.SymInt)) or n < 0:
+        if not isinstance(n, (int, torch.SymInt)):
+            normalized_shape = _as_ints(normalized_shape)
+            break
+    for n in normalized_shape:
+        if n < 0:
             raise ValueError(
                 f"layer_norm: normalized_shape must be non-negative ints, got {normalized_shape}"
             )
@@ -126,6 +134,8 @@ def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, 
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"layer_norm: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.shape != normalized_shape:
             raise ValueError(
                 f"layer_norm: {name} must have shape {list(normalized_shape)}, got {list(t.shape)}"
@@ -134,6 +144,17 @@ def _check(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, 
             raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"layer_norm: {name} must be a floating-point tensor, got {t.dtype}")
+    return normalized_shape
+
+
+def _as_ints(normalized_shape) -> tuple[int, ...]:
+    """A sequence of integer-like sizes (NumPy integers, say) as ints, as torch takes it."""
+    try:
+        return tuple(n if isinstance(n, torch.SymInt) else operator.index(n) for n in normalized_shape)
+    except TypeError:
+        raise TypeError(
+            f"layer_norm: normalized_shape must be a sequence of ints, got {normalized_shape!r}"
+        ) from None
 
 
 def layer_norm(
@@ -159,8 +180,13 @@ def layer_norm(
         Tensor of x's shape and dtype. Statistics accumulate in float32 (float64 for float64).
         Gradients flow to x, weight and bias.
     """
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    _check(x, shape, weight, bias)
+    if isinstance(normalized_shape, (tuple, list)):
+        shape = tuple(normalized_shape)
+    elif isinstance(normalized_shape, (int, torch.SymInt)):
+        shape = (normalized_shape,)
+    else:
+        shape = _as_ints(normalized_shape)
+    shape = _check(x, shape, weight, bias)
     name = backends.choose("layer_norm", x, backend)
     if name == "torch":
         return F.layer_norm(x, shape, weight, bias, eps)
