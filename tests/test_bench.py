@@ -35,6 +35,12 @@ def test_bench_quick_writes_a_report(tmp_path, op, passes):
     for row in rows:
         assert row["median_ms"] > 0 and (row["gbps"] or row["tflops"]) > 0, row
         assert row["frac_of_limit"] > 0, row
+        if op == "bigram_counts":
+            tokens_per_s = row["shape"]["tokens"] / (row["median_ms"] / 1e3)
+            assert row["tokens_per_s"] == pytest.approx(tokens_per_s), row
+        else:
+            assert row["tokens_per_s"] is None, row
+    assert ("tokens/s" in done.stdout) == (op == "bigram_counts")
     if op in ("attention", "conv2d_relu"):
         assert report["meta"]["matmul_tflops"]
         assert row["vs_torch"] > 0, row

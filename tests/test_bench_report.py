@@ -147,6 +147,37 @@ def test_report_of_op_and_model_results(tmp_path):
     assert "skipped: DLFAST_BENCH_COMPILE=0" in md
 
 
+def test_report_gives_tokens_per_s_of_counting_rows_also_where_the_run_did_not_record_it(tmp_path):
+    shape = {"tokens": 10**6, "V": 27}
+    rows = [
+        _op_row("bigram_counts", "count", "int32", shape, "cpu", "dlfast", 0.5, 2.0, gbps=8.0, frac=0.2),
+        _op_row("bigram_counts", "count", "int32", shape, "torch", "peer", 2.0, 2.0, gbps=2.0, frac=0.05),
+    ]
+    recorded = [{**row, "tokens_per_s": 10**6 / (row["median_ms"] / 1e3)} for row in rows]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old" / "bigram_counts.json").write_text(json.dumps(_op_doc(rows)))
+    (tmp_path / "new" / "bigram_counts.json").write_text(json.dumps(_op_doc(recorded)))
+    for run in ("old", "new"):
+        built = report.write_report(
+            report.load_results(report.expand([tmp_path / run])), tmp_path / run, "t", with_plots=False
+        )
+        assert [r["tokens_per_s"] for r in built["op_rows"]] == [2e9, 5e8]
+        md = (tmp_path / run / "report.md").read_text()
+        assert "| dlfast vs best peer | dlfast of limit | dlfast tokens/s |" in md
+        assert "| int32 | 1000000x27 | **0.5 (4.00x)** | 2.00 | 4.00x | 20% | 2e+09 |" in md
+
+
+def test_report_has_no_tokens_per_s_column_for_other_ops(tmp_path):
+    row = _op_row("layer_norm", "fwd", "float32", {"M": 64, "N": 512}, "torch", "peer", 1.0, 1.0, gbps=9.0)
+    (tmp_path / "layer_norm.json").write_text(json.dumps(_op_doc([row])))
+    built = report.write_report(
+        report.load_results([tmp_path / "layer_norm.json"]), tmp_path, "t", False, False
+    )
+    assert built["op_rows"][0]["tokens_per_s"] is None
+    assert "tokens/s" not in (tmp_path / "report.md").read_text()
+
+
 def test_report_of_files_with_the_same_name_from_two_devices(tmp_path):
     row = _op_row("bigram_counts", "count", "int32", {"tokens": 10**6, "V": 27}, "torch", "peer", 1.0, 1.0)
     for device in ("a", "b"):

@@ -15,6 +15,12 @@ warm-up steps, then timed rounds in which the copies take turns, one step each p
 that the slow drifts of a shared machine fall on all of them alike; median_step_ms is the median
 of a copy's timed steps, each timed with perf_counter between device synchronisations.
 
+peak_mem_mb is the tensor memory a copy would need if it trained alone: the parameters, gradients
+and optimizer state it holds between steps, plus the most that a step's own tensors held above
+them at once. On CUDA the caching allocator's statistics give it over the timed steps; the CPU has
+no such statistics, so there it comes from torch.profiler's memory events over one extra,
+untimed step (_cpu_step_peak_bytes says why and what that leaves out).
+
 The JSON document: {"schema": SCHEMA, "meta": {...}, "notes": [...], "rows": [{ROW_KEYS}, ...]},
 with the meta of runner.metadata.
 """
@@ -50,7 +56,7 @@ ROW_KEYS = (
     "median_step_ms",
     "throughput",  # units per second: items per step / median step time
     "unit",  # "tokens/s" or "images/s"
-    "peak_mem_mb",  # CUDA: parameters, optimizer state and a step's peak above them; None on the CPU
+    "peak_mem_mb",  # what the copy holds between steps plus its step's tensors at their peak, MiB
     "compile_s",  # compiled rows: wall seconds of the first (compiling) step
     "vs_twin_eager",  # the eager twin's step time / this row's
     "vs_twin_compiled",  # the compiled twin's step time / this row's
@@ -195,12 +201,55 @@ def _fail(c: _Copy, exc: Exception, what: str, note: Callable[[str], None]) -> N
     note(f"{c.impl} {c.mode} {what}: {c.error}")
 
 
-def _persistent_bytes(c: _Copy) -> int:
-    """Bytes of the copy's parameters and optimizer state (what stays allocated between steps)."""
+def _held_bytes(c: _Copy) -> int:
+    """Bytes of what the copy holds between steps: its parameters, their gradients (until the next
+    step's zero_grad frees them) and its optimizer state."""
     tensors = list(c.module.parameters())
+    tensors += [p.grad for p in c.module.parameters() if p.grad is not None]
     for state in c.optimizer.state.values():
         tensors += [t for t in state.values() if isinstance(t, Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Runs fn() once under torch.profiler and returns the most bytes that the tensors it allocated
+    held at once: the running sum of the allocations and frees that PyTorch's CPU allocator reports
+    with profile_memory=True, in the order they happened. Frees of blocks allocated before fn are
+    not reported, so fn should not free what it did not allocate."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _cpu_step_peak_bytes(work: Workload, c: _Copy, x: Tensor, y: Tensor, dtype: torch.dtype) -> int:
+    """The copy's peak memory over one training step on the CPU, as if it ran alone.
+
+    torch 2.13 keeps no allocator statistics for the CPU (torch.cpu has no max_memory_allocated),
+    and the process's peak resident set size counts the other three copies and the freed memory
+    that malloc keeps for reuse (runner.keep_freed_memory), so it cannot tell one copy's step from
+    another's. The profiler's memory events can: they are every tensor allocation and free. The
+    step runs after the timed rounds, so that the profiler's cost never lands in a timed step.
+    Memory PyTorch's allocator does not hand out is not counted: oneDNN's scratchpads and
+    primitive caches, scratch buffers of C++ kernels that allocate with new or std::vector,
+    Python objects, malloc's slack.
+    """
+    held = _held_bytes(c)
+    # The last step's gradients, freed before the profiler starts: it would not see them go.
+    c.optimizer.zero_grad(set_to_none=True)
+    without_gradients = _held_bytes(c)
+    return max(held, without_gradients + cpu_peak_bytes(lambda: _step(work, c, x, y, dtype)))
 
 
 def _relative_error(got: list[Tensor | None], want: list[Tensor | None]) -> float:
@@ -295,13 +344,14 @@ def _time_steps(
     rounds: int,
     note: Callable,
 ) -> None:
-    """Warm-up steps, then `rounds` rounds of one timed step per live copy, in turn."""
+    """Warm-up steps, then `rounds` rounds of one timed step per live copy, in turn; each copy's
+    peak memory (on the CPU from one more step, after the timed ones)."""
     device = x.device
     live = [c for c in copies if c.error is None]
     if not live:
         return
     for c in live:
-        c.times, c.peak_bytes = [], 0 if device.type == "cuda" else None
+        c.times, c.peak_bytes = [], 0
     for round_ in range(warmup + rounds):
         # Each round starts with the next copy, so that none always runs just after another.
         for c in live[round_ % len(live) :] + live[: round_ % len(live)]:
@@ -325,9 +375,18 @@ def _time_steps(
                 step_peak = torch.cuda.max_memory_allocated(device) - base
                 c.peak_bytes = max(c.peak_bytes, step_peak)
     for c in live:
-        if c.error is None and device.type == "cuda":
-            # The other copies' memory is in `base`: this is the copy's peak as if it ran alone.
-            c.peak_bytes += _persistent_bytes(c)
+        if c.error is not None:
+            continue
+        if device.type == "cuda":
+            # `base` holds the other copies' memory and what this copy holds between steps (its
+            # last gradients among it): adding the latter back gives its peak as if it ran alone.
+            c.peak_bytes += _held_bytes(c)
+            continue
+        try:
+            c.peak_bytes = _cpu_step_peak_bytes(work, c, x, y, dtype)
+        except Exception as exc:  # the profiler unavailable or failing: the times still stand
+            c.peak_bytes = None
+            note(f"{c.impl} {c.mode}: peak memory not measured: {type(exc).__name__}: {exc}")
 
 
 def _build_copies(work: Workload, device: torch.device, compile_: bool) -> list[_Copy]:
@@ -480,7 +539,10 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
 
     notes.append("bfloat16 rows: torch.autocast(bfloat16) over fp32 weights and fp32 AdamW state")
     if device.type == "cpu":
-        notes.append("peak_mem_mb is None on the CPU (no allocator statistics to read there)")
+        notes.append(
+            "peak_mem_mb on the CPU: tensors allocated through PyTorch's CPU allocator, from "
+            "torch.profiler's memory events over one extra, untimed step per copy"
+        )
     if compile_:
         notes.append(
             "compile_s: the compiled twin runs its first step before the compiled dlfast copy, so "

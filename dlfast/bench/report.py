@@ -18,7 +18,8 @@ what the committed results give (tests/test_bench_report.py checks the same).
 
 Ratios are those of the rows: vs_torch is PyTorch's eager op's time over the row's, vs_best_peer
 the fastest peer's (> 1: the row is faster); frac_of_limit the achieved throughput over a device
-copy's GB/s or a same-dtype matmul's TFLOP/s measured in the same run.
+copy's GB/s or a same-dtype matmul's TFLOP/s measured in the same run; tokens/s the tokens an op
+over a token stream read (bigram counting) over the median time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 
-from dlfast.bench import defaults
+from dlfast.bench import defaults, runner
 from dlfast.bench.defaults import OP_SCHEMA, RESULTS, ROOT, deciding_pass, geomean, load_results
 
 MODEL_SCHEMA = "dlfast-bench-models/1"
@@ -93,6 +94,14 @@ def _source(label: str, doc: dict) -> dict:
     }
 
 
+def _with_tokens_per_s(row: dict) -> dict:
+    """The row, with tokens_per_s from its shape and median time where it was written before the
+    runner recorded that figure (the committed results of older runs)."""
+    if "tokens_per_s" in row:
+        return row
+    return {**row, "tokens_per_s": runner.tokens_per_s(runner.row_work(row), row["median_ms"])}
+
+
 def build(documents: list[tuple[Path, dict]]) -> dict:
     """The report.json document of these results: sources, every row with its source's meta, the summary."""
     sources, op_rows, model_rows = [], [], []
@@ -101,8 +110,10 @@ def build(documents: list[tuple[Path, dict]]) -> dict:
         source = _source(label, doc)
         sources.append(source)
         extra = {"source": source["file"], **{k: source[k] for k in ROW_META}}
-        target = op_rows if doc["schema"] == OP_SCHEMA else model_rows
-        target += [{**row, **extra} for row in doc["rows"]]
+        if doc["schema"] == OP_SCHEMA:
+            op_rows += [{**_with_tokens_per_s(row), **extra} for row in doc["rows"]]
+        else:
+            model_rows += [{**row, **extra} for row in doc["rows"]]
     return {
         "schema": REPORT_SCHEMA,
         "sources": sources,
@@ -239,6 +250,10 @@ def _ms(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _throughput(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.4g} {unit}".strip()
+
+
 def _op_section(source: dict, op: str, rows: list[dict], plots: list[str]) -> list[str]:
     dims = " x ".join(rows[0]["shape"])
     lines = [f"## {op}: `{source['file']}`", "", _meta_line(source) + ".", ""]
@@ -246,12 +261,14 @@ def _op_section(source: dict, op: str, rows: list[dict], plots: list[str]) -> li
     if plots:
         lines.append("")
     backends = list(dict.fromkeys(r["backend"] for r in rows))
+    with_tokens = any(r["tokens_per_s"] is not None for r in rows)
     for pass_ in dict.fromkeys(r["pass"] for r in rows):
         cases: dict[tuple[str, str], dict[str, dict]] = {}
         for r in rows:
             if r["pass"] == pass_:
                 cases.setdefault((r["dtype"], _shape_label(r["shape"])), {})[r["backend"]] = r
         header = ["dtype", dims, *backends, "dlfast vs best peer", "dlfast of limit"]
+        header += ["dlfast tokens/s"] if with_tokens else []
         table = []
         for (dtype, label), by in cases.items():
             timed = [r for r in by.values() if r["median_ms"] is not None]
@@ -275,6 +292,8 @@ def _op_section(source: dict, op: str, rows: list[dict], plots: list[str]) -> li
                 else f"{100 * best['frac_of_limit']:.0f}%"
             )
             table.append([dtype, label, *cells, peer, limit])
+            if with_tokens:
+                table[-1].append(_throughput(None if best is None else best["tokens_per_s"]))
         lines += [f"{pass_}: median ms (vs torch); bold: the fastest.", ""]
         lines += _table(header, table) + [""]
     return lines
@@ -294,9 +313,7 @@ def _model_section(source: dict, rows: list[dict]) -> list[str]:
         def num(key: str, spec: str, r: dict = r) -> str:
             return "-" if r.get(key) is None else format(r[key], spec)
 
-        throughput = (
-            "-" if r.get("throughput") is None else f"{r['throughput']:.4g} {r.get('unit') or ''}".strip()
-        )
+        throughput = _throughput(r.get("throughput"), r.get("unit") or "")
         table.append(
             [
                 str(r.get("model")),

@@ -9,7 +9,8 @@ Every op has a module in dlfast.bench, named in OPS, that provides:
     prepare(case, impls, device)                  -> {impl name: {pass: Timed} or the exception that
                                                   stopped it}; checks each result against the
                                                   PyTorch op in fp32 before anything is timed
-    work(case, pass) -> Work                      bytes moved and/or floating-point operations
+    work(case, pass) -> Work                      bytes moved and/or floating-point operations, and
+                                                  tokens read for an op over a token stream
 
 The peer named "torch" is PyTorch's eager op; every row's vs_torch is its time over the row's
 time, and vs_best_peer the fastest peer's time over the row's time (> 1: the row is faster).
@@ -60,6 +61,7 @@ ROW_KEYS = (
     "median_ms",
     "gbps",  # achieved GB/s (1e9 bytes) by the op's bytes-moved model, or None
     "tflops",  # achieved TFLOP/s for compute-bound ops, or None
+    "tokens_per_s",  # tokens read per second, for ops over a token stream (bigram counting), else None
     "frac_of_limit",  # tflops / a same-dtype matmul's TFLOP/s, else gbps / copy GB/s, same run
     "vs_torch",  # eager torch time / this time
     "vs_best_peer",  # fastest peer's time / this time
@@ -133,6 +135,19 @@ class Work:
 
     bytes: int | None = None
     flops: int | None = None
+    tokens: int | None = None
+
+
+def row_work(row: dict) -> Work:
+    """The Work of the case a row was timed on, by its op's own model: for figures that rows
+    written before a column existed can be given from their shape and median time."""
+    module = importlib.import_module(OPS[row["op"]])
+    return module.work(Case(getattr(torch, row["dtype"]), dict(row["shape"])), row["pass"])
+
+
+def tokens_per_s(work: Work, ms: float) -> float | None:
+    """Tokens read per second at `ms` per call; None where the op reads no token stream."""
+    return None if work.tokens is None else work.tokens / (ms / 1e3)
 
 
 def write_json(path: str, schema: str, meta: dict, notes: list[str], rows: list[dict]) -> None:
@@ -449,6 +464,7 @@ def _time_case(
                     "median_ms": ms,
                     "gbps": gbps,
                     "tflops": tflops,
+                    "tokens_per_s": tokens_per_s(work, ms),
                     "frac_of_limit": tflops / matmul_tflops
                     if tflops is not None
                     else _ratio(gbps, copy_gbps),
@@ -514,8 +530,10 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows as an aligned text table, a blank line between (op, dtype, shape, pass) groups."""
-    header = (
+    """The rows as an aligned text table, a blank line between (op, dtype, shape, pass) groups;
+    a tokens/s column where some op reads a token stream."""
+    with_tokens = any(row["tokens_per_s"] is not None for row in rows)
+    header = [
         "op",
         "pass",
         "dtype",
@@ -523,10 +541,11 @@ def format_table(rows: list[dict]) -> str:
         "backend",
         "ms",
         "GB/s|TFLOP/s",
+        *(["tokens/s"] if with_tokens else []),
         "of limit",
         "vs torch",
         "vs best peer",
-    )
+    ]
     lines = [header]
     breaks = set()
     previous = None
@@ -537,7 +556,7 @@ def format_table(rows: list[dict]) -> str:
             breaks.add(len(lines))
         previous = group
         lines.append(
-            (
+            [
                 row["op"],
                 row["pass"],
                 row["dtype"],
@@ -545,10 +564,11 @@ def format_table(rows: list[dict]) -> str:
                 row["backend"],
                 _fmt(row["median_ms"], ".4f"),
                 _fmt(row["gbps"] if row["tflops"] is None else row["tflops"], ".1f"),
+                *([_fmt(row["tokens_per_s"], ".3g")] if with_tokens else []),
                 _fmt(None if row["frac_of_limit"] is None else 100 * row["frac_of_limit"], ".0f") + "%",
                 _fmt(row["vs_torch"], ".2f") + "x",
                 _fmt(row["vs_best_peer"], ".2f") + "x",
-            )
+            ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = []
