@@ -25,7 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         print(format_info(info()))
         return 0
     if args.command == "train":
-        return train_recipes.run(args)
+        from dlfast.data import DataUnavailableError
+
+        try:
+            return train_recipes.run(args)
+        except DataUnavailableError as exc:
+            # An expected failure (offline, say) whose message says what to do: no traceback.
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     from dlfast.bench.runner import run
 
     return run(args)

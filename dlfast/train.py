@@ -28,6 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=20, help="how many samples to print")
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument(
+        "--lr-search",
+        type=int,
+        nargs="?",
+        const=1000,
+        default=None,
+        metavar="N",
+        help="mlp_lm: first run the notes' learning-rate search, N rates from 10^-3 to 10^0 "
+        "(default 1000), and draw its loss against the exponent (lr_search.png)",
+    )
+    parser.add_argument(
         "--out", default="runs", help="folder for the loss curve and pictures (default: runs/<model>/)"
     )
 
@@ -125,7 +135,8 @@ def _bigram(args: argparse.Namespace) -> int:
 
 
 def _mlp_lm(args: argparse.Namespace) -> int:
-    """Bengio et al.'s MLP language model on the names: 90% to train, 10% held out."""
+    """Bengio et al.'s MLP language model on the names: 90% to train, 10% held out. With
+    --lr-search, the notes' learning-rate search first (the weights restored after it)."""
     from dlfast.data import names
     from dlfast.models.mlp_lm import MLPLanguageModel
 
@@ -135,6 +146,21 @@ def _mlp_lm(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = MLPLanguageModel().to(args.device)
     print(f"initial NLL {model.nll(train):.4f} (uniform: 3.2958)")
+    if args.lr_search:
+        exponents, search_losses = model.lr_search(
+            train, n=args.lr_search, generator=torch.Generator().manual_seed(args.seed), progress=True
+        )
+        # The minibatch losses are noisy: the lowest of their running mean over ~1/20 of the rates.
+        window = max(1, len(search_losses) // 20)
+        smoothed = torch.tensor(search_losses).unfold(0, window, 1).mean(1)
+        best = exponents[int(smoothed.argmin()) + window // 2]
+        print(f"learning-rate search: lowest loss near lr 10^{best:.2f} = {10**best:.3g} (training uses 0.1)")
+        plots.lines(
+            _path(args, "lr_search.png"),
+            {"minibatch loss": (exponents, search_losses)},
+            xlabel="learning-rate exponent (lr = 10^x)",
+            ylabel="NLL per character",
+        )
     losses = model.fit(
         train, steps=args.steps or 20000, generator=torch.Generator().manual_seed(args.seed), progress=True
     )
@@ -278,7 +304,7 @@ def _narrow(args: argparse.Namespace) -> int:
         t.to(args.device) for t in c_shapes(500, generator=torch.Generator().manual_seed(args.seed))
     )
     model = DeepNarrowTanh().to(args.device)
-    losses = _fit(model, lambda s: ((points,), labels), F.cross_entropy, args.steps or 2000, 0.02, "narrow")
+    losses = _fit(model, lambda s: ((points,), labels), F.cross_entropy, args.steps or 2000, 5e-3, "narrow")
     with torch.no_grad():
         logits = model(points)
     print(f"training accuracy {_accuracy(logits, labels):.3f} on {len(labels)} points")
@@ -441,24 +467,26 @@ def _multi(args: argparse.Namespace) -> int:
 
 
 def _digits_autoencoder(args: argparse.Namespace) -> int:
-    """The MLP autoencoder, the VAE (8 x 8 digits, 2-D latent) or the convolutional denoiser
-    (digits upsampled to its 28 x 28, Gaussian noise 0.3) on scikit-learn's digits: held-out
-    reconstruction MSE against the clean images, and a picture of the reconstructions (and of
-    samples from the VAE's prior)."""
-    from dlfast.models.autoencoder import VAE, Autoencoder, DenoisingAutoencoder
+    """The MLP autoencoder, the VAE (8 x 8 digits, 2-D latent) or a convolutional denoiser (004's,
+    "denoise", or 000's 7 x 7 one, "denoise7x7"; digits upsampled to 28 x 28, Gaussian noise 0.3)
+    on scikit-learn's digits: held-out reconstruction MSE against the clean images, and a picture
+    of the reconstructions (and of samples from the VAE's prior)."""
+    from dlfast.models.autoencoder import VAE, Autoencoder, DenoisingAutoencoder, DenoisingAutoencoder7x7
 
     images, _labels, train, test = _digits_split(args)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    if args.model == "denoise":
+    denoising = args.model in ("denoise", "denoise7x7")
+    if denoising:  # 004's denoiser is built for 28 x 28, and 000's two 7 x 7 convs need 13 x 13
         images = F.interpolate(images, size=28, mode="bilinear", align_corners=False)
     clean = {"train": images[train], "test": images[test]}
     noisy = {k: (v + 0.3 * torch.randn(v.shape, generator=g)).clamp(0, 1) for k, v in clean.items()}
-    inputs = noisy if args.model == "denoise" else clean
+    inputs = noisy if denoising else clean
     model = {
         "autoencoder": lambda: Autoencoder(s_img=8),
         "vae": lambda: VAE(s_img=8),
         "denoise": DenoisingAutoencoder,
+        "denoise7x7": lambda: DenoisingAutoencoder7x7(in_channels=1),  # the digits are grey
     }[args.model]().to(args.device)
 
     def loss_fn(out, target):
@@ -474,7 +502,7 @@ def _digits_autoencoder(args: argparse.Namespace) -> int:
     mse = F.mse_loss(reconstruction, clean["test"])
     line = f"held-out reconstruction MSE {mse:.4f}"
     pictures = {"original": clean["test"][:16]}
-    if args.model == "denoise":
+    if denoising:
         line += f" (the noisy input's: {F.mse_loss(inputs['test'], clean['test']):.4f})"
         pictures["noisy"] = inputs["test"][:16]
     print(line)
@@ -566,23 +594,37 @@ def _unet(args: argparse.Namespace) -> int:
 
 
 def _detector(args: argparse.Namespace) -> int:
-    """Region detector's box head on generated boxes: mean IoU of predicted and true boxes."""
+    """The region detector on generated boxes, filled or outlined (the class), both heads trained
+    on the notes' summed loss: held-out classification accuracy and mean IoU of the predicted
+    and true boxes."""
     from dlfast.data import images_with_boxes
-    from dlfast.models.detector import RegionDetector, box_iou
+    from dlfast.models.detector import RegionDetector, box_iou, detection_loss
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    x, boxes = images_with_boxes(1024, generator=g)
-    test_x, test_boxes = images_with_boxes(128, generator=g)
-    model = RegionDetector().to(args.device)
-    batch = minibatches((x,), boxes, 64, args.device)
+    x, boxes, labels = images_with_boxes(1024, generator=g)
+    test_x, test_boxes, test_labels = images_with_boxes(128, generator=g)
+    model = RegionDetector(num_classes=2).to(args.device)
+    targets = torch.cat([boxes, labels.unsqueeze(1).float()], dim=1)  # minibatches takes one target
+    batch = minibatches((x,), targets, 64, args.device)
+    # Box coordinates in [0, 1] make an MSE some 10x smaller than the cross-entropy: unweighted,
+    # the shared backbone serves the (easy) classes first, and the boxes lose IoU 0.80 -> 0.75.
     losses = _fit(
-        model, batch, lambda out, t: F.mse_loss(torch.sigmoid(out[1]), t), args.steps or 400, 3e-3, "detector"
+        model,
+        batch,
+        lambda out, t: detection_loss(out, t[:, 4].long(), t[:, :4], box_weight=10.0),
+        args.steps or 400,
+        3e-3,
+        "detector",
     )
     with torch.no_grad():
-        pred = torch.sigmoid(model.eval()(test_x.to(args.device))[1]).cpu()
-    print(f"held-out mean box IoU {box_iou(pred, test_boxes).diagonal().mean():.3f}")
-    plots.lines(_path(args, "loss.png"), {"box MSE": losses}, log=True)
+        class_logits, box_offsets = (t.cpu() for t in model.eval()(test_x.to(args.device)))
+    iou = box_iou(torch.sigmoid(box_offsets), test_boxes).diagonal().mean()
+    print(
+        f"held-out classification accuracy {_accuracy(class_logits, test_labels):.3f} "
+        f"(filled or outlined), mean box IoU {iou:.3f}"
+    )
+    plots.lines(_path(args, "loss.png"), {"cross-entropy + box MSE": losses}, log=True)
     return 0
 
 
@@ -621,10 +663,11 @@ def greedy_decode(model, src: torch.Tensor, length: int) -> torch.Tensor:
 
 def _transformer(args: argparse.Namespace) -> int:
     """The three Transformers of week 10 (post-LN, sinusoidal positions, dropout 0.1), small:
-    an encoder-only classifier of padded sequences (are there more 3s than 4s?), a decoder-only
-    language model that learns to copy (BOS a SEP a), and an encoder-decoder that reverses a
-    padded sequence, decoded greedily. Held-out accuracy of each."""
-    from dlfast.models.transformer import DecoderLM, EncoderClassifier, EncoderDecoder
+    encoder-only with the classification head (are there more 3s than 4s in a padded sequence?)
+    and with the regression head (what share of its symbols are 3s?), a decoder-only language
+    model that learns to copy (BOS a SEP a), and an encoder-decoder that reverses a padded
+    sequence, decoded greedily. Held-out accuracy of each (MSE of the regressor)."""
+    from dlfast.models.transformer import DecoderLM, EncoderClassifier, EncoderDecoder, EncoderRegressor
 
     g = torch.Generator().manual_seed(args.seed)
     small = {"d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 128, "dropout": 0.1}
@@ -681,7 +724,22 @@ def _transformer(args: argparse.Namespace) -> int:
     print(
         f"encoder-decoder: held-out greedy reversal, token accuracy {tokens:.3f}, exact sequences {exact:.3f}"
     )
-    plots.lines(_path(args, "loss.png"), curves, ylabel="cross-entropy", log=True)
+
+    def regress_data(n):
+        x = _padded(n, 16, g)
+        return x, (x == 3).sum(1, keepdim=True) / (x != PAD).sum(1, keepdim=True)
+
+    torch.manual_seed(args.seed)
+    regressor = EncoderRegressor(VOCAB, 1, pad_idx=PAD, **small).to(device)
+    x, y = regress_data(4096)
+    curves["encoder regressor"] = _fit(
+        regressor, minibatches((x,), y, 64, device), F.mse_loss, steps, 1e-3, "encoder regressor"
+    )
+    x, y = regress_data(512)
+    with torch.no_grad():
+        mse = F.mse_loss(regressor.eval()(x.to(device)).cpu(), y)
+    print(f"encoder regressor: held-out MSE {mse:.5f} (the best constant's: {y.var():.5f})")
+    plots.lines(_path(args, "loss.png"), curves, ylabel="cross-entropy (the regressor: MSE)", log=True)
     return 0
 
 
@@ -699,6 +757,7 @@ RECIPES = {
     "autoencoder": _digits_autoencoder,
     "vae": _digits_autoencoder,
     "denoise": _digits_autoencoder,
+    "denoise7x7": _digits_autoencoder,
     "gan": _gan,
     "dcgan": _gan,
     "unet": _unet,

@@ -53,3 +53,15 @@ def test_tabular_sets_from_scikit_learn(name, shape, classes):
 def test_tabular_rejects_unknown_names():
     with pytest.raises(ValueError, match="iris"):
         data.tabular("mnist")
+
+
+def test_images_with_boxes_are_filled_or_outlined_by_class():
+    images, boxes, labels = data.images_with_boxes(64, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (64, 1, 16, 16) and boxes.shape == (64, 4) and labels.shape == (64,)
+    assert set(labels.tolist()) == {0, 1}
+    for image, box, label in zip(images, boxes, labels.tolist(), strict=True):
+        x1, y1, x2, y2 = (int(v) for v in (box * 16).round())
+        edge = torch.cat([image[0, y1, x1:x2], image[0, y2 - 1, x1:x2]])  # top and bottom rows
+        inside = image[0, y1 + 1 : y2 - 1, x1 + 1 : x2 - 1]  # at least 2 x 2 pixels
+        assert edge.mean() > 0.5  # bright either way (noise 0.2)
+        assert (inside.mean() > 0.5) == (label == 0), (label, inside)  # filled, or hollow

@@ -135,6 +135,23 @@ def test_mlp_language_model_starts_uniform_and_learns():
     assert len(model.sample(3, generator=torch.Generator().manual_seed(0))) == 3
 
 
+def test_mlp_language_model_learning_rate_search():
+    from test_bigram_lm import generated_words
+
+    from dlfast.models.mlp_lm import MLPLanguageModel
+
+    torch.manual_seed(0)
+    model = MLPLanguageModel()
+    initial = copy.deepcopy(model.state_dict())
+    exponents, losses = model.lr_search(generated_words(), n=100, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.tensor(exponents), torch.linspace(-3, 0, 100))
+    assert len(losses) == 100 and all(0 < loss < 10 for loss in losses)
+    # Rates of 10^-3 barely move the loss from -ln(1/27); by 10^-1 the steps have lowered it.
+    assert sum(losses[60:80]) / 20 < sum(losses[:10]) / 10 - 0.2, losses
+    for name, weight in model.state_dict().items():  # the search leaves the weights as they were
+        torch.testing.assert_close(weight, initial[name], rtol=0, atol=0, msg=name)
+
+
 def test_unet_matches_its_twin_and_learns_to_segment():
     from dlfast.data import shapes_with_masks
     from dlfast.models.unet import UNet, iou
@@ -187,6 +204,30 @@ def test_transformer_encoder_classifier_matches_its_twin_and_learns():
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
 
 
+def test_transformer_encoder_regressor_matches_its_twin_and_learns():
+    from dlfast.models.transformer import EncoderClassifier, EncoderRegressor
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = EncoderRegressor(12, d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0)
+    # The same body as the classifier: only the head's width differs.
+    classifier_keys = EncoderClassifier(12, 3, d_model=32, n_heads=4, n_layers=2, d_ff=64).state_dict()
+    assert model.state_dict().keys() == classifier_keys.keys() and model.head.out_features == 1
+
+    def share_of_fives(idx):  # (B, 1): the fraction of the real (non-0) tokens that are 5
+        return (idx == 5).sum(1, keepdim=True) / (idx != 0).sum(1, keepdim=True)
+
+    idx = _padded_sequences(8, 10, 12, g)
+    assert model(idx).shape == (8, 1)
+    assert_twin_matches(model.eval(), (idx,), lambda out: F.mse_loss(out, share_of_fives(idx)))
+    idx = _padded_sequences(256, 10, 12, g)
+    target = share_of_fives(idx)
+    losses = train_steps(model.train(), minibatches((idx,), target, 32), F.mse_loss, steps=40, lr=1e-3)
+    assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8, losses
+    # Better than the best constant (the target's variance): it counts the fives.
+    assert sum(losses[-8:]) / 8 < 0.5 * target.var().item(), losses
+
+
 def test_transformer_decoder_lm_and_encoder_decoder_match_their_twins_and_learn():
     from dlfast.models.transformer import DecoderLM, EncoderDecoder
 
@@ -212,6 +253,13 @@ def test_transformer_decoder_lm_and_encoder_decoder_match_their_twins_and_learn(
     src = torch.where(src > 0, src.clamp_min(2), src)
     tgt_in = torch.cat([torch.ones(8, 1, dtype=torch.long), src.flip(1)[:, :-1]], dim=1)
     assert_twin_matches(seq2seq.eval(), (src, tgt_in), lambda logits: lm_loss(logits, src.flip(1)))
+    src = _padded_sequences(128, 6, 10, g)
+    src = torch.where(src > 0, src.clamp_min(2), src)
+    tgt_in = torch.cat([torch.ones(128, 1, dtype=torch.long), src.flip(1)[:, :-1]], dim=1)
+    losses = train_steps(
+        seq2seq.train(), minibatches((src, tgt_in), src.flip(1), 32), lm_loss, steps=30, lr=3e-3
+    )
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
 
 
 def _blob_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -258,6 +306,22 @@ def test_autoencoders_learn_and_the_denoiser_matches_its_twin():
     assert losses[-1] < losses[0]
 
 
+def test_7x7_denoiser_matches_its_twin_and_learns():
+    from dlfast.models.autoencoder import DenoisingAutoencoder7x7
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # RGB blobs, each channel its own brightness: the notes' three-channel photos in miniature.
+    clean = _blob_images(32, 16, g) * torch.rand(32, 3, 1, 1, generator=g)
+    noisy = clean + 0.5 * torch.rand(clean.shape, generator=g)  # the notes' uniform noise
+    denoiser = DenoisingAutoencoder7x7()
+    assert denoiser.encoder(noisy).shape == (32, 2, 4, 4)  # two 7 x 7 convs: 16 -> 10 -> 4
+    assert denoiser(noisy).shape == clean.shape
+    assert_twin_matches(denoiser, (noisy[:8],), lambda out: F.mse_loss(out, clean[:8]))
+    losses = train_steps(denoiser, minibatches((noisy,), clean, 16), F.mse_loss, steps=20, lr=1e-2)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
+
+
 def test_basic_models_learn():
     from dlfast.data import c_shapes, semicircle
     from dlfast.models.basic import DeepNarrowTanh, GaussianBasisRegression, MLPClassifier
@@ -270,8 +334,11 @@ def test_basic_models_learn():
     assert losses[-1] < 0.01 < losses[0]
     points, labels = c_shapes(200, generator=g)
     narrow = DeepNarrowTanh()
+    # The notes' network: seven Linear(2, 2) and nothing after them but the softmax.
+    assert [tuple(p.shape) for p in narrow.parameters()] == [(2, 2), (2,)] * 7
     losses = train_steps(narrow, minibatches((points,), labels, 400), F.cross_entropy, steps=300, lr=0.02)
     assert losses[-1] < 0.6 * losses[0] and len(narrow.activations) == 8
+    assert torch.equal(narrow(points), narrow.activations[-1])  # the last tanh layer gives the scores
     mlp = MLPClassifier(2, 2)
     losses = train_steps(mlp, minibatches((points,), labels, 100), F.cross_entropy, steps=100, lr=1e-2)
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
@@ -333,6 +400,9 @@ def test_multi_input_and_multi_output_models_learn():
     )
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
     two_out = TwoOutputClassifier(num_characters=4, num_alphabets=2)
+    assert_twin_matches(
+        two_out, (images[:8],), lambda outputs: weighted_loss(outputs, quadrant[:8], alphabet[:8])
+    )
     targets = torch.stack([quadrant, alphabet], dim=1)
     losses = train_steps(
         two_out,
@@ -346,20 +416,29 @@ def test_multi_input_and_multi_output_models_learn():
 
 def test_detector_utilities_and_training():
     from dlfast.data import images_with_boxes
-    from dlfast.models.detector import RegionDetector, box_iou, nms
+    from dlfast.models.detector import RegionDetector, box_iou, detection_loss, nms
 
     boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 2, 2.1], [5, 5, 6, 6]], dtype=torch.float)
     assert box_iou(boxes[:1], boxes[1:2]).item() == pytest.approx(1 / 7)
     assert nms(boxes, torch.tensor([0.9, 0.8, 0.7, 0.6]), 0.5).tolist() == [0, 1, 3]
     torch.manual_seed(0)
-    images, targets = images_with_boxes(128, generator=torch.Generator().manual_seed(0))
+    images, boxes, labels = images_with_boxes(128, generator=torch.Generator().manual_seed(0))
+    assert labels.dtype == torch.int64 and set(labels.tolist()) == {0, 1}
     detector = RegionDetector()
-    assert_twin_matches(detector, (images[:8],), lambda out: F.mse_loss(torch.sigmoid(out[1]), targets[:8]))
+    assert_twin_matches(
+        detector, (images[:8],), lambda out: detection_loss(out, labels[:8], boxes[:8], box_weight=10.0)
+    )
+    targets = torch.cat([boxes, labels.unsqueeze(1).float()], dim=1)
     losses = train_steps(
         detector,
         minibatches((images,), targets, 32),
-        lambda out, t: F.mse_loss(torch.sigmoid(out[1]), t),
+        lambda out, t: detection_loss(out, t[:, 4].long(), t[:, :4], box_weight=10.0),
         steps=40,
         lr=3e-3,
     )
-    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
+    with torch.no_grad(), dlfast.use_backend("cpu"):
+        class_logits, box_offsets = detector(images)
+    # Both heads learned: filled from outlined rectangles, and where the rectangles are.
+    assert (class_logits.argmax(1) == labels).float().mean() > 0.9
+    assert box_iou(torch.sigmoid(box_offsets), boxes).diagonal().mean() > 0.5

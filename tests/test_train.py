@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +22,18 @@ pytestmark = pytest.mark.skipif(
     skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load"
 )
 
-SKLEARN_RECIPES = {"mlp", "cnn", "resnet", "multi", "autoencoder", "vae", "denoise", "gan", "dcgan"}
+SKLEARN_RECIPES = {
+    "mlp",
+    "cnn",
+    "resnet",
+    "multi",
+    "autoencoder",
+    "vae",
+    "denoise",
+    "denoise7x7",
+    "gan",
+    "dcgan",
+}
 # What each recipe prints: the metric of the notes.
 METRIC = {
     "bigram": "NLL",
@@ -36,6 +49,7 @@ METRIC = {
     "autoencoder": "reconstruction MSE",
     "vae": "reconstruction MSE",
     "denoise": "reconstruction MSE",
+    "denoise7x7": "reconstruction MSE",
     "gan": "D(generated)",
     "dcgan": "D(generated)",
     "unet": "IoU",
@@ -49,6 +63,7 @@ PICTURES = {
     "autoencoder": ["reconstructions.png"],
     "vae": ["reconstructions.png"],
     "denoise": ["reconstructions.png"],
+    "denoise7x7": ["reconstructions.png"],
     "gan": ["samples.png"],
     "dcgan": ["samples.png"],
     "unet": ["masks.png"],
@@ -85,6 +100,40 @@ def test_recipe_runs_and_draws(recipe, offline_data, tmp_path, capsys):
     assert METRIC[recipe] in capsys.readouterr().out
     for name in ["loss.png", *PICTURES.get(recipe, [])]:
         assert (tmp_path / recipe / name).stat().st_size > 0, name
+
+
+def test_mlp_lm_recipe_runs_the_learning_rate_search(offline_data, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the pictures need matplotlib")
+    argv = ["train", "mlp_lm", "--steps", "3", "--samples", "1", "--lr-search", "50", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "learning-rate search: lowest loss near lr 10^" in capsys.readouterr().out
+    assert (tmp_path / "mlp_lm" / "lr_search.png").stat().st_size > 0
+
+
+def test_unavailable_data_is_one_message_and_exit_code_1(monkeypatch, tmp_path, capsys):
+    def offline():
+        raise dlfast.data.DataUnavailableError("could not download names==0.3.0 from PyPI (offline?)")
+
+    monkeypatch.setattr(dlfast.data, "names", offline)
+    assert main(["train", "bigram", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "error: could not download names==0.3.0 from PyPI (offline?)\n"
+    assert captured.out == ""
+
+
+def test_offline_cli_prints_no_traceback(tmp_path):
+    # The real command with an empty cache and pip told to use no index: what a user offline sees.
+    env = {**os.environ, "DLFAST_CACHE": str(tmp_path), "PIP_NO_INDEX": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dlfast", "train", "bigram", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: could not download names==0.3.0"), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def _train_gpt_rank(rank: int, world: int, port: int, results) -> None:

@@ -55,13 +55,22 @@ def shapes_with_masks(
 
 def images_with_boxes(
     n: int, size: int = 16, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """n noisy images with one bright rectangle each, and its box (x1, y1, x2, y2) scaled to [0, 1]."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """n noisy (n, 1, size, size) images with one bright rectangle each, its box (x1, y1, x2, y2)
+    scaled to [0, 1] (n, 4), and its class (n,) int64: 0 for a filled rectangle, 1 for only its
+    one-pixel outline."""
     images = 0.2 * torch.randn(n, 1, size, size, generator=generator)
     boxes = torch.empty(n, 4)
+    corners = []
     for i in range(n):
         x1, y1 = (int(v) for v in torch.randint(0, size // 2, (2,), generator=generator))
         w, h = (int(v) for v in torch.randint(size // 4, size // 2, (2,), generator=generator))
         images[i, 0, y1 : y1 + h, x1 : x1 + w] += 1.0
         boxes[i] = torch.tensor([x1, y1, x1 + w, y1 + h]) / size
-    return images, boxes
+        corners.append((x1, y1, w, h))
+    # Drawn after all the boxes, so that the classes leave the boxes a seed gives unchanged.
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    for i in labels.nonzero().flatten().tolist():
+        x1, y1, w, h = corners[i]
+        images[i, 0, y1 + 1 : y1 + h - 1, x1 + 1 : x1 + w - 1] -= 1.0
+    return images, boxes, labels

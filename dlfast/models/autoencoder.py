@@ -1,7 +1,8 @@
 """The autoencoders of the course notes: the MLP autoencoder and the variational autoencoder of
 002 ("The Auto-encoder", "Variational Auto Encoders"), the 3-2-3 sigmoid autoencoder of 004
-("Dimensionality Reduction") and the convolutional denoising autoencoder of 004 ("Denoising")
-and 000 ("Image denoising"), whose conv + ReLU pairs are dlfast.nn.Conv2dReLU.
+("Dimensionality Reduction"), the convolutional denoising autoencoder of 004 ("Denoising") and
+the 7 x 7 conv / conv-transpose denoiser of 000 ("Image denoising"), whose conv + ReLU pairs are
+dlfast.nn.Conv2dReLU.
 """
 
 from __future__ import annotations
@@ -105,6 +106,29 @@ class DenoisingAutoencoder(nn.Module):
             deconv_block(8, 16, 2),
             deconv_block(16, 32, 2),
             nn.Conv2d(32, 1, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(self.encoder(x)))
+
+
+class DenoisingAutoencoder7x7(nn.Module):
+    """000's denoiser: stride 1, no padding, no pooling. Encoder Conv7x7 + ReLU (fused) twice,
+    in_channels -> 4 -> 2, each taking 6 off the height and width; decoder ConvTranspose7x7
+    2 -> 4 + ReLU and 4 -> in_channels, each giving the 6 back, and a sigmoid. Defaults: the
+    notes' RGB photos. Shapes: (N, C, H, W) -> (N, C, H, W), H and W at least 13."""
+
+    def __init__(self, in_channels: int = 3, channels: tuple[int, int] = (4, 2), kernel_size: int = 7):
+        super().__init__()
+        wide, narrow = channels
+        self.encoder = nn.Sequential(
+            Conv2dReLU(in_channels, wide, kernel_size),
+            Conv2dReLU(wide, narrow, kernel_size),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(narrow, wide, kernel_size),
+            nn.ReLU(),
+            nn.ConvTranspose2d(wide, in_channels, kernel_size),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -26,14 +26,15 @@ class GaussianBasisRegression(nn.Module):
 
 
 class DeepNarrowTanh(nn.Module):
-    """depth x (Linear(2, 2) + tanh), then a 2-class linear head (logits; the notes end in a
-    softmax, which the cross-entropy loss applies). forward keeps every layer's activations in
-    self.activations, for plotting how the layers untangle the classes."""
+    """depth x (Linear(2, 2) + tanh) and nothing else: the last layer's two tanh outputs are the
+    class scores. The notes end in a softmax over them and then train with a cross-entropy loss,
+    which applies one of its own; here the loss's is the only one, so forward returns them as
+    logits. forward keeps every layer's activations in self.activations, for plotting how the
+    layers untangle the classes. Shapes: (N, 2) -> (N, 2)."""
 
     def __init__(self, depth: int = 7):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(depth))
-        self.output = nn.Linear(2, 2)
         self.activations: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -41,7 +42,7 @@ class DeepNarrowTanh(nn.Module):
         for layer in self.layers:
             x = torch.tanh(layer(x))
             self.activations.append(x.detach())
-        return self.output(x)
+        return x
 
 
 class MLPClassifier(nn.Module):

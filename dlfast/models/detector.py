@@ -1,12 +1,13 @@
 """A small R-CNN-style detector (003 week 6, "Object Detection": R-CNN, IoU, non-maximum
 suppression): a convolutional backbone on Conv2dReLU, a classification head and a box-regression
-head (4 outputs) over region crops, with the IoU and NMS utilities and a generated data set of
-images with one box each.
+head (4 outputs) over region crops, trained on the sum of the two heads' losses, and the IoU and
+NMS utilities. Its data: dlfast.data.images_with_boxes, one box and its class per image.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlfast.nn import Conv2dReLU
@@ -56,3 +57,14 @@ class RegionDetector(nn.Module):
     def forward(self, crops: Tensor) -> tuple[Tensor, Tensor]:
         features = self.backbone(crops)
         return self.classifier(features), self.box_regressor(features)
+
+
+def detection_loss(
+    outputs: tuple[Tensor, Tensor], labels: Tensor, boxes: Tensor, box_weight: float = 1.0
+) -> Tensor:
+    """The notes' multi-task loss L = L_cls + L_box: cross-entropy of the class logits against
+    labels (N,), plus box_weight times the MSE of the predicted boxes against boxes (N, 4)
+    scaled to [0, 1] (the box head's outputs through a sigmoid, so that they land there too)."""
+    class_logits, box_offsets = outputs
+    box_loss = F.mse_loss(torch.sigmoid(box_offsets), boxes)
+    return F.cross_entropy(class_logits, labels) + box_weight * box_loss

@@ -5,9 +5,13 @@ tanh hidden layer, to logits of the next character.
 The notes' initialisation fixes are the defaults: the hidden layer's weights scaled by
 (5/3) / sqrt(fan_in) (tanh's gain), so its units start unsaturated, and the output layer scaled
 by 0.01 with zero bias, so the initial loss is near -ln(1/27) = 3.30 (no character favoured).
+The training is the notes' too: minibatch SGD with learning-rate decay (fit), at a rate found by
+their learning-rate search (lr_search).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,15 @@ def context_windows(words: list[str], block_size: int) -> tuple[Tensor, Tensor]:
             ys.append(ix)
             context = context[1:] + [ix]
     return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long)
+
+
+def _steps(n: int, progress: bool, desc: str):
+    """range(n), with a tqdm progress bar when progress."""
+    if not progress:
+        return range(n)
+    from tqdm import tqdm
+
+    return tqdm(range(n), desc=desc, unit="step")
 
 
 class MLPLanguageModel(nn.Module):
@@ -64,23 +77,47 @@ class MLPLanguageModel(nn.Module):
         """Minibatch SGD at lr, divided by 10 after decay_at of the steps (the notes' decay), on
         the device the model is on; returns the minibatch loss per step."""
         X, Y = self._windows(words)
-        steps_iter = range(steps)
-        if progress:
-            from tqdm import tqdm
+        return [
+            self._sgd_step(X, Y, batch_size, lr if step < decay_at * steps else lr / 10, generator)
+            for step in _steps(steps, progress, "mlp language model")
+        ]
 
-            steps_iter = tqdm(steps_iter, desc="mlp language model", unit="step")
-        losses = []
-        for step in steps_iter:
-            batch = torch.randint(0, len(X), (batch_size,), generator=generator).to(X.device)
-            loss = F.cross_entropy(self(X[batch]), Y[batch])
-            self.zero_grad(set_to_none=True)
-            loss.backward()
-            step_lr = lr if step < decay_at * steps else lr / 10
-            with torch.no_grad():
-                for p in self.parameters():
-                    p -= step_lr * p.grad
-            losses.append(loss.item())
-        return losses
+    def lr_search(
+        self,
+        words: list[str],
+        n: int = 1000,
+        batch_size: int = 32,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> tuple[list[float], list[float]]:
+        """The notes' learning-rate search: lre = torch.linspace(-3, 0, n), lrs = 10**lre, one
+        minibatch SGD step at each rate in turn. Returns (lre, the minibatch loss of each step):
+        plotted against each other, the loss falls, flattens and rises again; a good rate is
+        just before it rises. The weights are restored afterwards, so that fit() at the rate
+        found starts from the same initialisation."""
+        X, Y = self._windows(words)
+        lre = torch.linspace(-3, 0, n)
+        lrs = 10**lre
+        initial = copy.deepcopy(self.state_dict())
+        losses = [
+            self._sgd_step(X, Y, batch_size, float(lrs[i]), generator)
+            for i in _steps(n, progress, "learning-rate search")
+        ]
+        self.load_state_dict(initial)
+        return lre.tolist(), losses
+
+    def _sgd_step(
+        self, X: Tensor, Y: Tensor, batch_size: int, lr: float, generator: torch.Generator | None
+    ) -> float:
+        """One plain SGD step at lr on batch_size random rows of (X, Y); returns their loss."""
+        batch = torch.randint(0, len(X), (batch_size,), generator=generator).to(X.device)
+        loss = F.cross_entropy(self(X[batch]), Y[batch])
+        self.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            for p in self.parameters():
+                p -= lr * p.grad
+        return loss.item()
 
     def _windows(self, words: list[str]) -> tuple[Tensor, Tensor]:
         """context_windows of `words` on the model's device."""

@@ -4,10 +4,10 @@ token embeddings scaled by sqrt(d_model), sinusoidal positional encodings, multi
 decoder to the encoder), position-wise feed-forward networks, and post-LN residual blocks
 (x = LayerNorm(x + Dropout(sublayer(x)))), dropout 0.1.
 
-Three models: an encoder-only classifier, a decoder-only language model and the
-encoder-decoder. Attention is dlfast.nn.MultiheadAttention and normalisation dlfast.nn.LayerNorm;
-dlfast.nn.revert gives the torch.nn twin with the same weights. Padding masks follow torch's
-convention: True marks a padding token.
+Three models: encoder-only (with a classification or a regression head), a decoder-only
+language model and the encoder-decoder. Attention is dlfast.nn.MultiheadAttention and
+normalisation dlfast.nn.LayerNorm; dlfast.nn.revert gives the torch.nn twin with the same
+weights. Padding masks follow torch's convention: True marks a padding token.
 """
 
 from __future__ import annotations
@@ -147,14 +147,16 @@ class Decoder(nn.Module):
         return self.head(x)
 
 
-class EncoderClassifier(nn.Module):
-    """Encoder-only: (B, T) token ids with pad_idx padding -> (B, num_classes) logits, from the
-    mean of the encoder's outputs over the real tokens. Defaults: the paper's base model."""
+class EncoderOnly(nn.Module):
+    """Encoder-only Transformer with a linear head: (B, T) token ids with pad_idx padding ->
+    (B, out_features), the head applied to the mean of the encoder's outputs over the real
+    tokens. Defaults: the paper's base model. The notes' two heads are its subclasses
+    EncoderClassifier and EncoderRegressor."""
 
     def __init__(
         self,
         vocab_size: int,
-        num_classes: int,
+        out_features: int,
         d_model: int = 512,
         n_heads: int = 8,
         n_layers: int = 6,
@@ -165,12 +167,29 @@ class EncoderClassifier(nn.Module):
     ):
         super().__init__()
         self.encoder = Encoder(vocab_size, d_model, n_heads, n_layers, d_ff, dropout, max_len, pad_idx)
-        self.head = nn.Linear(d_model, num_classes)
+        self.head = nn.Linear(d_model, out_features)
 
     def forward(self, idx: Tensor) -> Tensor:
         x, padding = self.encoder(idx)
         keep = (~padding).unsqueeze(-1).to(x.dtype)
         return self.head((x * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+
+
+class EncoderClassifier(EncoderOnly):
+    """The classification head, Linear(d_model, num_classes): (B, T) ids -> (B, num_classes)
+    logits (the notes' optional softmax is left to the loss). Other arguments: EncoderOnly's."""
+
+    def __init__(self, vocab_size: int, num_classes: int, **kwargs):
+        super().__init__(vocab_size, num_classes, **kwargs)
+
+
+class EncoderRegressor(EncoderOnly):
+    """The regression head, Linear(d_model, output_dim), returned as it is: (B, T) ids ->
+    (B, output_dim) predictions; output_dim 1 (the default) for a single number per sequence.
+    Other arguments: EncoderOnly's."""
+
+    def __init__(self, vocab_size: int, output_dim: int = 1, **kwargs):
+        super().__init__(vocab_size, output_dim, **kwargs)
 
 
 class DecoderLM(nn.Module):
