@@ -105,6 +105,23 @@ def test_layouts_like_torch(backend_device, layout):
         assert ours.is_contiguous(memory_format=fmt) == theirs.is_contiguous(memory_format=fmt), fmt
 
 
+@pytest.mark.parametrize(
+    "case",
+    [(1, 8, 1, 1, 4, 1, 2, (1, 2), 3, (1, 2), 4), (1, 6, 1, 1, 6, 3, 1, 3, 2, 2, 3)],
+    ids=["groups4-strided-dilated", "groups3-stride3"],
+)
+def test_channels_last_with_padding_past_the_kernel(backend_device, case):
+    """Padding past the dilated kernel's extent (some outputs see only padding): oneDNN's
+    channels_last forward segfaulted on these (found by random testing), ATen's conv2d too."""
+    backend, device = backend_device
+    x, w, b = make_inputs(case, torch.float32, device)
+    w = w.contiguous(memory_format=torch.channels_last)
+    check_against_reference(backend, case, x, w, b)
+    *_shape, stride, padding, dilation, groups = case
+    y = dlfast.conv2d_relu(x, w, b, stride, padding, dilation, groups, backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # as F.conv2d lays it out
+
+
 def test_first_layer_gradients_without_an_input_gradient(backend_device):
     """A first layer's input needs no gradient: dweight and dbias alone (the CPU's direct
     route computes them without ATen), as torch's conv + relu gives them, and no dx."""
