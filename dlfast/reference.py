@@ -113,7 +113,9 @@ def attention(
     qf = q.to(acc)
     kf = k.to(acc).repeat_interleave(group, dim=1)
     vf = v.to(acc).repeat_interleave(group, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    if scale is None:
+        scale = D**-0.5 if D > 0 else 1.0  # no features: the output is empty whatever the scale
+    scores = (qf @ kf.transpose(-1, -2)) * scale
     allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
     if causal:
         rows = torch.arange(Lq, device=q.device).view(Lq, 1)

@@ -267,6 +267,7 @@ def test_empty_inputs():
         ((0, 2, 5, 8), (0, 2, 5, 8)),
         ((1, 2, 0, 8), (1, 2, 5, 8)),
         ((1, 2, 3, 8), (1, 2, 0, 8)),
+        ((1, 2, 3, 0), (1, 2, 4, 0)),  # no features: the default scale 1/sqrt(0) must not raise
     ):
         q = torch.randn(shape_q, requires_grad=True)
         k, v = torch.randn(shape_kv), torch.randn(shape_kv)

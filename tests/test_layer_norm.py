@@ -139,6 +139,11 @@ def test_empty_input():
     assert y.shape == (0, 16)
     y.sum().backward()
     assert x.grad.shape == (0, 16)
+    # dlfast's kernel backends cast parameters of another dtype to x's, empty x included.
+    for backend in ("cpu", "reference"):
+        if skip_reason(backend, "cpu") is None:
+            w = torch.ones(16, dtype=torch.float64)
+            assert dlfast.layer_norm(x, 16, w, backend=backend).dtype == torch.float32
 
 
 @pytest.mark.skipif(skip_reason("cpu", "cpu") is not None, reason="the C++ extension did not load")

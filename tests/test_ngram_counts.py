@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing
@@ -223,6 +224,19 @@ def test_argument_errors():
         dlfast.bigram_counts(torch.zeros(10, dtype=torch.long), 50257)
     with pytest.raises(ValueError, match="out must be"):
         dlfast.bigram_counts(torch.zeros(10, dtype=torch.long), 27, out=torch.zeros(27, 27))
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        dlfast.bigram_counts(torch.zeros(10, dtype=torch.long), 27.0)
+    with pytest.raises(ValueError, match="do not fit in int64"):
+        dlfast.ngram_counts(torch.zeros(10, dtype=torch.long), 2**22, 3, sparse=True)
+    with pytest.raises(ValueError, match="ignore_index must be None or an int64 id"):
+        dlfast.bigram_counts(torch.zeros(10, dtype=torch.long), 27, ignore_index=2**70)
+
+
+def test_integer_like_arguments():
+    """NumPy integers for vocab_size and ignore_index, as torch takes them for sizes."""
+    tokens = torch.tensor([1, 2, 0, 1, 2])
+    want = dlfast.bigram_counts(tokens, 3, ignore_index=0)
+    torch.testing.assert_close(dlfast.bigram_counts(tokens, np.int64(3), ignore_index=np.int32(0)), want)
 
 
 def test_empty_input(backend_device):

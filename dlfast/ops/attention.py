@@ -231,7 +231,8 @@ def attention(
     _check(q, k, v, causal, key_padding_mask, dropout_p, scale)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    scale = float(D**-0.5 if scale is None else scale)
+    # With no features (D = 0) the output is empty whatever the scale: 1 stands in for 1/sqrt(0).
+    scale = float((D**-0.5 if D > 0 else 1.0) if scale is None else scale)
     causal_shift = Lk - Lq if causal == "bottom_right" else 0
     dropout_p = float(dropout_p)
     name = backends.choose("attention", q, backend)

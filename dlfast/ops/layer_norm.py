@@ -200,7 +200,9 @@ def layer_norm(
         x = x.float()
     N = shape[0] if len(shape) == 1 else math.prod(shape)
     if x.numel() == 0 or N == 0:
-        # Nothing to normalise: let PyTorch produce the (empty) result and its graph.
+        # Nothing to normalise: let PyTorch produce the (empty) result and its graph, with the
+        # parameters cast as on every other path.
+        weight, bias = (None if t is None else t.to(x.dtype) for t in (weight, bias))
         return F.layer_norm(x, shape, weight, bias, eps)
     fwd, _bwd = _KERNELS[name]
     weight, bias = _as_row_vector(weight, x.dtype, N), _as_row_vector(bias, x.dtype, N)

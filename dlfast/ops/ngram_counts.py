@@ -13,6 +13,8 @@ composite the kernels replace. Large vocabularies take a sparse sort-and-count p
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -47,8 +49,14 @@ if backends.EXTENSION_ERROR is None:
     _KERNELS["cpu"] = _KERNELS["cuda"] = torch.ops.dlfast.ngram_counts_.default
 
 
-def _as_rows(tokens: Tensor, vocab_size: int, n: int, op: str) -> Tensor:
-    """Checks the arguments; returns tokens as contiguous (rows, L)."""
+_INT64_MAX = 2**63 - 1
+
+
+def _check(
+    tokens: Tensor, vocab_size: int, n: int, ignore_index: int | None, op: str
+) -> tuple[Tensor, int, int | None]:
+    """Checks the arguments; returns tokens as contiguous (rows, L), and vocab_size and
+    ignore_index as ints (NumPy integers are taken, as torch takes them)."""
     if not isinstance(tokens, Tensor):
         raise TypeError(f"{op}: tokens must be a Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in TOKEN_DTYPES:
@@ -58,11 +66,30 @@ def _as_rows(tokens: Tensor, vocab_size: int, n: int, op: str) -> Tensor:
         raise ValueError(
             f"{op}: tokens must be 1-D (one stream) or 2-D (rows), got shape {tuple(tokens.shape)}"
         )
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+    V = _as_int(vocab_size)
+    if V is None or V < 1:
         raise ValueError(f"{op}: vocab_size must be a positive int, got {vocab_size!r}")
     if n not in (1, 2, 3):
         raise ValueError(f"{op}: n must be 1, 2 or 3, got {n!r}")
-    return (tokens.unsqueeze(0) if dim == 1 else tokens).contiguous()
+    # Every n-gram is one int64 id, ((t0 V + t1) V + ...) + tn-1, in every path.
+    if V**n > _INT64_MAX:
+        raise ValueError(f"{op}: vocab_size ** n = {V}**{n} n-gram ids do not fit in int64")
+    if ignore_index is not None:
+        index = _as_int(ignore_index)
+        if index is None or not -_INT64_MAX - 1 <= index <= _INT64_MAX:
+            raise ValueError(f"{op}: ignore_index must be None or an int64 id, got {ignore_index!r}")
+        ignore_index = index
+    return (tokens.unsqueeze(0) if dim == 1 else tokens).contiguous(), V, ignore_index
+
+
+def _as_int(value) -> int | None:
+    """value as an int if it is integer-like (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _raise_bad_token(tokens: Tensor, rows: Tensor, position: int, vocab_size: int, op: str) -> None:
@@ -107,7 +134,7 @@ def ngram_counts(
         position (the kernels never index with it; on the GPU this waits for the kernel).
     """
     op = "ngram_counts"
-    rows = _as_rows(tokens, vocab_size, n, op)
+    rows, vocab_size, ignore_index = _check(tokens, vocab_size, n, ignore_index, op)
     if sparse:
         if out is not None:
             raise ValueError(f"{op}: out= adds into a dense table; with sparse=True add the returned tensors")
