@@ -122,6 +122,17 @@ def test_channels_last_with_padding_past_the_kernel(backend_device, case):
     assert y.is_contiguous(memory_format=torch.channels_last)  # as F.conv2d lays it out
 
 
+def test_torch_backend_with_padding_past_the_kernel_does_not_crash():
+    """The "torch" backend (where DEFAULTS delegate) runs these in NCHW too, in F.conv2d's layout."""
+    case = (1, 8, 1, 1, 4, 1, 2, (1, 2), 3, (1, 2), 4)
+    x, w, b = make_inputs(case, torch.float32, "cpu")
+    w = w.contiguous(memory_format=torch.channels_last)
+    *_shape, stride, padding, dilation, groups = case
+    y = dlfast.conv2d_relu(x, w, b, stride, padding, dilation, groups, backend="torch")
+    torch.testing.assert_close(y, F.relu(F.conv2d(x, w.contiguous(), b, stride, padding, dilation, groups)))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_first_layer_gradients_without_an_input_gradient(backend_device):
     """A first layer's input needs no gradient: dweight and dbias alone (the CPU's direct
     route computes them without ATen), as torch's conv + relu gives them, and no dx."""

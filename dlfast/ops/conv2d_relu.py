@@ -195,6 +195,13 @@ def _same_padding(x: Tensor, weight: Tensor, stride, dilation) -> tuple[Tensor, 
     return x, left
 
 
+def _padding_past_kernel(weight: Tensor, padding: tuple[int, int], dilation: tuple[int, int]) -> bool:
+    """Whether some output row or column sees only padding."""
+    return padding[0] > dilation[0] * (weight.shape[2] - 1) or padding[1] > dilation[1] * (
+        weight.shape[3] - 1
+    )
+
+
 def conv2d_relu(
     x: Tensor,
     weight: Tensor,
@@ -240,7 +247,18 @@ def conv2d_relu(
         raise RuntimeError(f"conv2d_relu: stride and dilation must be >= 1, got {stride} and {dilation}")
     name = backends.choose("conv2d_relu", x, backend)
     if name == "torch":
-        y = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+        if (
+            x.is_cpu
+            and not isinstance(padding, str)
+            and _padding_past_kernel(weight, _pair(padding, "padding"), dilation)
+        ):
+            # PyTorch's channels_last CPU forward segfaults on some such convolutions (oneDNN; see
+            # csrc/cpu/conv2d_relu.cpp): run them in NCHW and give the output F.conv2d's layout.
+            fmt = conv_memory_format(x, weight)
+            y = F.conv2d(x.contiguous(), weight.contiguous(), bias, stride, padding, dilation, groups)
+            y = F.relu(y).contiguous(memory_format=fmt)
+        else:
+            y = F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
         return y.squeeze(0) if unbatched else y
     if padding == "same":
         x, padding = _same_padding(x, weight, stride, dilation)
