@@ -230,6 +230,28 @@ def test_torch_compile_fullgraph(backend_device):
     check_compiled_model(model, torch.randn(6, 32, device=device), backend, device)
 
 
+def test_compiled_backward_runs_the_fused_kernel(backend_device):
+    """Double backward recomputes through PyTorch ops only under create_graph=True; the backward
+    AOTAutograd traces for torch.compile must still be the fused bwd op."""
+    backend, device = backend_device
+    if backend == "reference":
+        pytest.skip("plain PyTorch, no fused kernel")
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return make_boxed_func(gm.forward)
+
+    x, w, b = make_inputs((4, 16), (16,), torch.float32, device)
+    x.requires_grad_(True)
+    f = aot_function(lambda x, w, b: dlfast.layer_norm(x, 16, w, b, backend=backend), keep, keep)
+    f(x, w, b).sum().backward()
+    suffix = "_triton" if backend == "triton" else ""
+    assert f"dlfast.layer_norm_bwd{suffix}.default" in graphs[1]
+
+
 @pytest.mark.parametrize(
     "args,error,match",
     [
